@@ -1,0 +1,336 @@
+"""softcap_cross_entropy: the Triton kernel (interpreter on CPU) and the CUDA kernel (GPU)
+against the reference, the custom-op plumbing (autograd, compile), and every error path.
+
+Tolerances.  Loss: the kernels accumulate the sum-exp in fp32 in a different order than
+torch.logsumexp, so losses agree to ~1e-6 relative; 1e-5 leaves room.  Gradient: computed
+in fp32 and rounded once to the logits' dtype, so the relative error is about half an ulp
+of that dtype: fp32 ~1e-7 -> 1e-5; fp16 2**-11 ~ 4.9e-4 -> 2e-3; bf16 2**-8 -> 1e-2.
+"""
+import math
+
+import pytest
+import torch
+import kernels
+from kernels import reference, softcap_ce
+from tests.hopper_aot import compile_for_hopper
+
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LOSS_TOL = 1e-5
+KINDS = ["sigmoid", "tanh", None]
+
+
+def rel_err(actual, expected, floor=1e-30):
+    """||actual - expected|| / max(||expected||, floor); NaN anywhere gives NaN (fails)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(floor)).item()
+
+
+def make_inputs(n, v, dtype, device, *, target_dtype=torch.int64, n_ignored=2, spread=4.0, seed=None):
+    """Logits like a real head's (a few units wide), random targets, some ignored rows."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    logits = (torch.randn(n, v, generator=gen) * spread).to(dtype).to(device)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[torch.randperm(n, generator=gen)[:n_ignored]] = -100
+    return logits, targets.to(target_dtype).to(device)
+
+
+def run(backend, logits, targets, upstream=None, **kwargs):
+    """(loss, logits.grad) of `backend` for the loss weighted by `upstream` (default 1)."""
+    logits = logits.detach().clone().requires_grad_()
+    with kernels.use_backend(backend):
+        loss = kernels.softcap_cross_entropy(logits, targets, **kwargs)
+    (loss if upstream is None else loss * upstream).sum().backward()
+    return loss.detach(), logits.grad
+
+
+def assert_matches_reference(backend, logits, targets, upstream=None, **kwargs):
+    loss, grad = run(backend, logits, targets, upstream, **kwargs)
+    ref_loss, ref_grad = run("reference", logits, targets, upstream, **kwargs)
+    assert grad.dtype == logits.dtype
+    assert torch.isfinite(grad).all(), "a gradient element was not written (or overflowed)"
+    # Losses are O(1): below 1 the tolerance is absolute (a loss can be exactly 0).
+    assert rel_err(loss, ref_loss, floor=1.0) < LOSS_TOL
+    assert rel_err(grad, ref_grad) < GRAD_TOL[logits.dtype]
+
+
+# ---- Triton kernel vs the reference (interpreter on CPU, real Triton on a GPU) -------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,v", [(1, 2), (3, 7), (37, 1000), (5, 4099), (2, 9001)])
+def test_triton_matches_reference(kind, dtype, n, v, interpreter_device):
+    logits, targets = make_inputs(n, v, dtype, interpreter_device, n_ignored=min(1, n - 1))
+    assert_matches_reference("triton", logits, targets, kind=kind)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64])
+def test_triton_reductions_and_upstream_gradients(reduction, target_dtype, interpreter_device):
+    logits, targets = make_inputs(29, 777, torch.float32, interpreter_device, target_dtype=target_dtype)
+    # A non-unit upstream gradient exercises the in-place rescaling in backward.
+    upstream = torch.randn(29) if reduction == "none" else torch.tensor(0.37)
+    assert_matches_reference("triton", logits, targets, upstream=upstream.to(interpreter_device),
+                             reduction=reduction)
+
+
+@pytest.mark.parametrize("kind,cap", [("tanh", 15.0), ("tanh", 60.0), ("sigmoid", 30.0), ("sigmoid", 100.0)])
+def test_triton_cap_values_on_both_sides_of_the_fixed_reference_rule(kind, cap, interpreter_device):
+    # cap <= 40 (tanh) / 80 (sigmoid) uses the bound as softmax reference, larger caps the row max.
+    logits, targets = make_inputs(11, 513, torch.float32, interpreter_device, spread=50.0)
+    assert softcap_ce.fixed_reference(cap, kind) == (cap <= (40.0 if kind == "tanh" else 80.0))
+    assert_matches_reference("triton", logits, targets, kind=kind, cap=cap, scale=cap / 4)
+
+
+def test_triton_large_logits_without_cap(interpreter_device):
+    # kind=None with logits far from 0 needs the running max: exp(z) would overflow.
+    logits, targets = make_inputs(7, 300, torch.float32, interpreter_device, spread=1.0)
+    logits = logits + 500.0
+    assert_matches_reference("triton", logits, targets, kind=None)
+
+
+def test_triton_kernel_writes_every_gradient_element(interpreter_device):
+    # Called directly so the output can be poisoned with NaN before the launch.
+    n, v = 13, 4100  # two chunks of 4096, the second almost empty
+    logits, targets = make_inputs(n, v, torch.float16, interpreter_device, n_ignored=3)
+    loss = torch.full((n,), float("nan"), device=interpreter_device)
+    grad = torch.full((n, v), float("nan"), dtype=torch.float16, device=interpreter_device)
+    grad_scale = torch.ones(1, device=interpreter_device)
+    block, warps = softcap_ce._block_and_warps(v)
+    softcap_ce._softcap_ce_forward_kernel[(n,)](
+        logits, targets, grad_scale, loss, grad, v, logits.stride(0), -100, 30.0, 1 / 30.0, 1 / 7.5,
+        KIND=2, FIXED_REFERENCE=True, NEED_GRAD=True, BLOCK=block, num_warps=warps)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    ignored = targets == -100
+    assert (grad[ignored] == 0).all() and (loss[ignored] == 0).all()
+
+
+def test_triton_strided_rows(interpreter_device):
+    # Rows may be strided (a slice of a wider buffer); only the V stride must be 1.
+    wide, targets = make_inputs(9, 700, torch.float32, interpreter_device)
+    logits = wide[:, 50:650]
+    targets = targets.clamp(-100, 599)
+    assert_matches_reference("triton", logits, targets)
+
+
+# ---- contract details, on the Triton kernel ----------------------------------------
+
+def test_ignored_rows_have_exactly_zero_gradient_and_mean_excludes_them(interpreter_device):
+    logits, targets = make_inputs(16, 301, torch.float32, interpreter_device, n_ignored=5)
+    loss, grad = run("triton", logits, targets)
+    ignored = targets == -100
+    assert (grad[ignored] == 0).all()
+    kept = ~ignored
+    expected = run("reference", logits[kept], targets[kept])[0]
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+
+
+def test_all_rows_ignored_gives_nan_mean_and_zero_gradient(interpreter_device):
+    logits, _ = make_inputs(4, 50, torch.float32, interpreter_device)
+    targets = torch.full((4,), -100, device=interpreter_device)
+    loss, grad = run("triton", logits, targets)
+    assert math.isnan(loss.item())
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("bad_target", [-1, 50, 10**9])
+def test_out_of_range_target_poisons_its_row_and_never_indexes(bad_target, interpreter_device):
+    logits, targets = make_inputs(6, 50, torch.float32, interpreter_device, n_ignored=0)
+    targets[2] = bad_target
+    with kernels.use_backend("triton"):
+        row_loss = kernels.softcap_cross_entropy(logits, targets, reduction="none")
+    assert math.isnan(row_loss[2].item())
+    assert torch.isfinite(row_loss[torch.arange(6) != 2]).all()
+    _, grad = run("triton", logits, targets, reduction="sum")
+    assert torch.isnan(grad[2]).all()
+    assert torch.isfinite(grad[torch.arange(6) != 2]).all()
+
+
+def test_custom_ignore_index(interpreter_device):
+    logits, targets = make_inputs(8, 40, torch.float32, interpreter_device, n_ignored=0)
+    targets[1] = 7
+    assert_matches_reference("triton", logits, targets, ignore_index=7)
+
+
+def test_no_grad_forward_matches(interpreter_device):
+    logits, targets = make_inputs(10, 333, torch.float32, interpreter_device)
+    with torch.no_grad(), kernels.use_backend("triton"):
+        loss = kernels.softcap_cross_entropy(logits, targets)
+    assert rel_err(loss, run("reference", logits, targets)[0]) < LOSS_TOL
+
+
+def test_second_backward_through_the_same_graph_raises(interpreter_device):
+    # The kept gradient is rescaled in place; a second backward must not scale it twice.
+    logits, targets = make_inputs(5, 64, torch.float32, interpreter_device)
+    logits.requires_grad_()
+    with kernels.use_backend("triton"):
+        loss = kernels.softcap_cross_entropy(logits, targets)
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (loss * 2).backward()
+
+
+def test_compiles_with_fullgraph_and_matches_eager(interpreter_device):
+    logits, targets = make_inputs(12, 257, torch.float32, interpreter_device)
+
+    def step(z, t):
+        return kernels.softcap_cross_entropy(z, t) * 3.0
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with kernels.use_backend("triton"):
+        z_eager = logits.clone().requires_grad_()
+        step(z_eager, targets).backward()
+        z_comp = logits.clone().requires_grad_()
+        loss = compiled(z_comp, targets)
+        loss.backward()
+    assert rel_err(loss.detach(), step(logits, targets)) < LOSS_TOL
+    assert rel_err(z_comp.grad, z_eager.grad) < 1e-6
+
+
+def test_fake_impl_gives_shapes_without_running(interpreter_device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        z = torch.empty(64, 1000, dtype=torch.bfloat16, device=interpreter_device)
+        t = torch.empty(64, dtype=torch.int64, device=interpreter_device)
+        loss, grad = torch.ops.kernels.softcap_ce(z, t, 30.0, "sigmoid", 7.5, -100, "none", True, "triton")
+    assert loss.shape == (64,) and loss.dtype == torch.float32
+    assert grad.shape == (64, 1000) and grad.dtype == torch.bfloat16
+
+
+# ---- errors ---------------------------------------------------------------------
+
+def _valid():
+    return torch.randn(4, 10), torch.randint(0, 10, (4,))
+
+
+@pytest.mark.parametrize("make_args,exc,match", [
+    (lambda z, t: (z.long(), t), TypeError, "logits"),
+    (lambda z, t: (z.double(), t), TypeError, "logits"),
+    (lambda z, t: (z[0], t), ValueError, "logits"),
+    (lambda z, t: ([[1.0]], t), TypeError, "logits"),
+    (lambda z, t: (z, t.float()), TypeError, "targets"),
+    (lambda z, t: (z, t[:3]), ValueError, "targets"),
+    (lambda z, t: (z, t[:, None]), ValueError, "targets"),
+    (lambda z, t: (z.t(), torch.zeros(10, dtype=torch.long)), ValueError, "stride"),
+    (lambda z, t: (z[:, :0], t), ValueError, "column"),
+    (lambda z, t: (z, t.to("meta")), ValueError, "device"),
+])
+def test_bad_tensors_raise_naming_the_argument(make_args, exc, match):
+    z, t = make_args(*_valid())
+    with pytest.raises(exc, match=match):
+        kernels.softcap_cross_entropy(z, t)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"kind": "relu"}, ValueError, "kind"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+    ({"cap": 0.0}, ValueError, "cap"),
+    ({"cap": "30"}, TypeError, "cap"),
+    ({"scale": -1.0}, ValueError, "scale"),
+    ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+])
+def test_bad_options_raise_naming_the_argument(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        kernels.softcap_cross_entropy(*_valid(), **kwargs)
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    with kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
+        kernels.softcap_cross_entropy(*_valid())
+
+
+def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.softcap_cross_entropy(*_valid())
+
+
+def test_auto_on_cpu_runs_the_reference():
+    assert kernels.backends()["ops"]["softcap_cross_entropy"]["on_cpu_tensors"] == "reference"
+    z, t = _valid()
+    assert kernels.softcap_cross_entropy(z, t).item() == reference.softcap_cross_entropy(z, t).item()
+
+
+# ---- ahead-of-time compilation for Hopper -----------------------------------------
+
+def _hopper_specs():
+    block, warps = softcap_ce._block_and_warps(50304)
+    specs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for kind, fixed in ((2, True), (1, False), (0, False)):
+            specs.append({"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel", "signature": {
+                "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
+                "grad_ptr": f"*{dtype}", "n_cols": "i32", "logits_row_stride": "i64", "ignore_index": "i32",
+                "cap": "fp32", "inv_cap": "fp32", "inv_scale": "fp32"},
+                "constexprs": {"KIND": kind, "FIXED_REFERENCE": fixed, "NEED_GRAD": True, "BLOCK": block},
+                "num_warps": warps})
+        specs.append({"module": "kernels.softcap_ce", "kernel": "_scale_rows_kernel", "signature": {
+            "grad_ptr": f"*{dtype}", "factor_ptr": "*fp32", "n_cols": "i32", "factor_stride": "i32"},
+            "constexprs": {"BLOCK": block}, "num_warps": warps})
+    return specs
+
+
+def test_triton_kernels_compile_for_sm90():
+    specs = _hopper_specs()
+    for spec, compiled in zip(specs, compile_for_hopper(specs)):
+        assert compiled["cubin_bytes"] > 0 and ".target sm_90" in compiled["ptx"], spec
+        # 16-byte vector accesses: both kernels are bandwidth-bound.
+        assert "ld.global.v4" in compiled["ptx"] or "ld.global.L1::evict_first.v4" in compiled["ptx"], spec
+
+
+# ---- GPU: the CUDA kernel (twins of the Triton tests above) ----------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,v", [(1, 2), (37, 1000), (64, 50304), (5, 50257), (3, 262144)])
+def test_gpu_matches_reference(backend, kind, dtype, n, v):
+    # 50304 takes the register-cached kernel, 50257 (odd) and 262144 the streaming one.
+    logits, targets = make_inputs(n, v, dtype, "cuda", n_ignored=min(1, n - 1))
+    assert_matches_reference(backend, logits, targets, kind=kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gpu_cuda_and_triton_agree_with_upstream_gradients(reduction):
+    logits, targets = make_inputs(128, 50304, torch.bfloat16, "cuda", target_dtype=torch.int32, n_ignored=7)
+    upstream = (torch.randn(128) if reduction == "none" else torch.tensor(0.37)).cuda()
+    cuda_loss, cuda_grad = run("cuda", logits, targets, upstream, reduction=reduction)
+    triton_loss, triton_grad = run("triton", logits, targets, upstream, reduction=reduction)
+    assert rel_err(cuda_loss, triton_loss) < LOSS_TOL
+    assert rel_err(cuda_grad, triton_grad) < GRAD_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v", [50304, 50257])
+def test_gpu_cuda_kernel_writes_every_element(v):
+    n = 33
+    logits, targets = make_inputs(n, v, torch.bfloat16, "cuda", n_ignored=4)
+    targets[5] = v + 3  # out of range: NaN row, and no illegal access
+    grad_scale = torch.ones(1, device="cuda")
+    torch.empty(n, v, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))  # poison the cache
+    loss, grad = torch.ops.speedrun_cuda.softcap_ce_forward(logits, targets, grad_scale, 30.0, 2, 7.5, -100, True)
+    torch.cuda.synchronize()
+    bad = torch.arange(n, device="cuda") == 5
+    assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
+    assert torch.isfinite(loss[~bad]).all() and torch.isfinite(grad[~bad]).all()
+    assert (grad[targets == -100] == 0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_compile():
+    logits, targets = make_inputs(256, 50304, torch.bfloat16, "cuda")
+    z = logits.clone().requires_grad_()
+    compiled = torch.compile(lambda a, b: kernels.softcap_cross_entropy(a, b), fullgraph=True)
+    with kernels.use_backend("cuda"):
+        loss = compiled(z, targets)
+        loss.backward()
+    assert rel_err(z.grad, run("reference", logits, targets)[1]) < GRAD_TOL[torch.bfloat16]
+    static_z = logits.clone().requires_grad_()
+    graph = torch.cuda.CUDAGraph()
+    with kernels.use_backend("cuda"):
+        kernels.softcap_cross_entropy(static_z, targets)  # warm up outside capture
+        with torch.cuda.graph(graph):
+            static_loss = kernels.softcap_cross_entropy(static_z, targets)
+    graph.replay()
+    assert rel_err(static_loss, run("reference", logits, targets)[0]) < LOSS_TOL
