@@ -7,7 +7,11 @@ specs as JSON and gets back, per spec, the PTX and the size of the cubin.
 
 A spec: {"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel",
          "signature": {"x_ptr": "*bf16", "n": "i32", ...}, "constexprs": {"BLOCK": 1024},
-         "num_warps": 8}
+         "num_warps": 8, "divisible_by_16": ["x_ptr", "n"]}
+
+`divisible_by_16` names the pointer and integer arguments that the JIT would specialize
+as multiples of 16 at run time (16-byte aligned pointers, sizes like V = 50304): that
+is what lets Triton emit vector loads, so an AOT check of vectorization needs it too.
 """
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ def _compile_one(spec: dict) -> dict:
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     constexprs = spec.get("constexprs", {})
     signature = {**spec["signature"], **{name: "constexpr" for name in constexprs}}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in spec.get("divisible_by_16", [])}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": spec.get("num_warps", 4)})
     return {"ptx": compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["cubin"])}
