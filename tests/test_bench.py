@@ -328,3 +328,63 @@ def test_suite_help_and_unknown_name(capsys):
         ce.parse_args(["--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_suite_runs_every_selected_bench_and_survives_failures(monkeypatch, capsys):
+    import bench.__main__ as suite
+
+    calls = []
+
+    def bench_module(name, behaviour):
+        module = types.ModuleType(f"bench.bench_{name}")
+
+        def main(argv):
+            calls.append((name, argv))
+            return behaviour(argv)
+
+        module.main = main
+        return module
+
+    def crash(argv):
+        raise RuntimeError("boom")
+
+    benches = {"a_crash": bench_module("a_crash", crash),
+               "b_bad_option": bench_module("b_bad_option", lambda argv: ce.parse_args(["--bogus"])),
+               "c_fine": bench_module("c_fine", lambda argv: 0)}
+    monkeypatch.setattr(suite, "discover", lambda: (benches, {"d_broken": "SyntaxError: oops"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    assert suite.main(["--out", "somewhere", "--quick"]) == 1
+    assert calls == [(name, ["--out", "somewhere", "--quick"]) for name in ("a_crash", "b_bad_option", "c_fine")]
+    assert "failed: a_crash, b_bad_option, d_broken" in capsys.readouterr().err
+    calls.clear()
+    assert suite.main(["--only", "c_fine", "--only", "bench_c_fine"]) == 0  # prefix allowed, run once
+    assert calls == [("c_fine", ["--out", str(harness.DEFAULT_OUT)])]
+
+
+def test_ceilings_are_measured_once_per_process_and_errors_are_kept(monkeypatch):
+    made = []
+
+    def maker(name, fail=False):
+        def make():
+            made.append(name)
+            if fail:
+                raise RuntimeError("_scaled_mm is not supported on this device")
+            return lambda: None
+        return make
+
+    monkeypatch.setattr(harness, "_ceilings", None)
+    monkeypatch.setattr(harness, "_copy_fn", maker("copy"))
+    monkeypatch.setattr(harness, "_bf16_matmul_fn", maker("bf16"))
+    monkeypatch.setattr(harness, "_fp8_matmul_fn", maker("fp8", fail=True))
+    monkeypatch.setattr(harness, "time_ms", lambda fn, timing: 0.5)  # made up: every timing 0.5 ms
+
+    ceilings = harness.measure_ceilings(harness.QUICK_TIMING)
+    assert harness.measure_ceilings(harness.FULL_TIMING) is ceilings and made == ["copy", "bf16", "fp8"]
+    copy = ceilings[harness.COPY_BANDWIDTH]
+    assert (copy.unit, copy.ms, copy.error) == ("GB/s", 0.5, None)
+    assert copy.value == pytest.approx(2 * 2**30 / 0.5e-3 / 1e9)  # 1 GiB read + 1 GiB written
+    bf16 = ceilings[harness.BF16_MATMUL]
+    assert bf16.unit == "TFLOP/s" and bf16.value == pytest.approx(2 * 8192**3 / 0.5e-3 / 1e12)
+    fp8 = ceilings[harness.FP8_MATMUL]
+    assert (fp8.value, fp8.error) == (None, "RuntimeError: _scaled_mm is not supported on this device")
