@@ -50,3 +50,148 @@ def softcap_cross_entropy(logits, targets, *, cap=30.0, kind="sigmoid", scale=7.
     if reduction == "sum":
         return row_loss.sum()
     return row_loss.sum() / valid.sum()
+
+
+# ---- FP8 LM head ---------------------------------------------------------------------
+
+class _FP8Linear(torch.autograd.Function):
+    """The 2025-01 record's FP8 head, with torch._scaled_mm replaced by fp32 matmuls.
+
+    fp8 values are upcast to fp32 for the products, so this runs on any device; a
+    product of two fp8 numbers is exact in fp32 and the sums accumulate in fp32, as
+    _scaled_mm does.  Scales multiply before the cast and divide after the matmul,
+    exactly like the record's x.mul(x_s).to(e4m3) and scale_a = 1/x_s.  Nothing is
+    clamped: the casts decide what happens out of range (on the CPU, e4m3fn saturates
+    at +-448, even for inf; e5m2 overflows to +-inf).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, x_scale, w_scale, grad_scale):
+        x8 = x.mul(x_scale).to(torch.float8_e4m3fn)
+        w8 = weight.mul(w_scale).to(torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, w8)
+        ctx.scales = (x_scale, w_scale, grad_scale)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        y = (x8.float() @ w8.float().T) / (x_scale * w_scale)
+        return y.to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, w8 = ctx.saved_tensors
+        x_scale, w_scale, grad_scale = ctx.scales
+        x_dtype, w_dtype = ctx.dtypes
+        g8 = grad.mul(grad_scale).to(torch.float8_e5m2)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # The record's _scaled_mm writes dx in bf16; the cast to x's dtype only matters
+            # for callers of the reference with other dtypes (the fp64 oracle).
+            dx = ((g8.float() @ w8.float()) / (grad_scale * w_scale)).to(torch.bfloat16).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = ((g8.float().T @ x8.float()) / (grad_scale * x_scale)).to(w_dtype)
+        return dx, dw, None, None, None
+
+
+def fp8_linear(x, weight, *, x_scale=2.0, w_scale=2.0**9, grad_scale=2.0**19):
+    """y = (e4m3(x*x_scale) @ e4m3(weight*w_scale)^T) / (x_scale*w_scale), in bf16.
+
+    x [N, K], weight [V, K] -> y [N, V] bf16.  Backward quantizes the incoming gradient
+    g8 = e5m2(grad*grad_scale) and returns dx = (g8 @ w8)/(grad_scale*w_scale) rounded to
+    bf16 (then x's dtype) and dW = (g8^T @ x8)/(grad_scale*x_scale) accumulated in fp32,
+    in weight's dtype.  The scaling multiplies in each input's own dtype, as the record.
+    """
+    return _FP8Linear.apply(x, weight, x_scale, w_scale, grad_scale)
+
+
+def linear_softcap_cross_entropy(x, weight, targets, *, fp8=True, x_scale=2.0, w_scale=2.0**9,
+                                 grad_scale=2.0**19, cap=30.0, kind="sigmoid", scale=7.5,
+                                 ignore_index=-100, reduction="mean"):
+    """softcap_cross_entropy(head(x), targets): the LM head followed by the capped loss.
+
+    head = fp8_linear with the given scales if fp8, else x @ weight^T in x's dtype (weight
+    cast to x's dtype).  The [N, V] logits are materialized here.
+    """
+    if fp8:
+        logits = fp8_linear(x, weight, x_scale=x_scale, w_scale=w_scale, grad_scale=grad_scale)
+    else:
+        logits = x @ weight.to(x.dtype).T
+    return softcap_cross_entropy(logits, targets, cap=cap, kind=kind, scale=scale,
+                                 ignore_index=ignore_index, reduction=reduction)
+
+
+# ---- Newton-Schulz ----------------------------------------------------------------------
+
+def per_step_coefficients(coefficients, steps):
+    """`steps` (a, b, c) triples from one triple (used every step) or a per-step sequence."""
+    if all(isinstance(c, (int, float)) for c in coefficients):
+        return [tuple(coefficients)] * steps
+    return [tuple(triple) for triple in coefficients]
+
+
+def newton_schulz(G, *, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7,
+                  dtype=torch.bfloat16):
+    """Muon's quintic Newton-Schulz iteration on every matrix of G [..., m, n], in `dtype`.
+
+    X = G in dtype, transposed to wide (m <= n) if tall; X /= ||X||_F + eps per matrix;
+    then per step with (a, b, c): A = X X^T, B = bA + cA^2, X = aX + BX; transposed back.
+    The leading dims are one batch of matmuls.  dtype may be float32/float64 here (the
+    oracle); the public op allows bf16 and fp16.
+    """
+    X = G.to(dtype)
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide side: A is then the smaller of the two Gram matrices
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for a, b, c in per_step_coefficients(coefficients, steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+# ---- ReLU^2 MLP ---------------------------------------------------------------------------
+
+def linear_relu2(x, w):
+    """relu(x @ w^T)^2 for x [..., D], w [H, D] -> [..., H], in the inputs' dtype."""
+    return torch.relu(x @ w.T).square()
+
+
+def relu2_mlp(x, w_fc, w_proj):
+    """relu(x @ w_fc^T)^2 @ w_proj^T for x [..., D], w_fc [H, D], w_proj [D, H] -> [..., D].
+
+    Computed in the inputs' dtype with torch's matmuls, as eager PyTorch would: the hidden
+    activation is rounded to that dtype after the matmul and after the square.
+    """
+    return linear_relu2(x, w_fc) @ w_proj.T
+
+
+# ---- attention --------------------------------------------------------------------------
+
+def attention_mask(length, *, window=None, doc_ids=None, device=None):
+    """Boolean [B or 1, T, T]: query i may attend key j (causal, window, same document)."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    allowed = allowed[None]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return allowed
+
+
+def sliding_window_attention(q, k, v, *, window=None, doc_ids=None, scale=None):
+    """softmax(scale * q k^T, masked) v per batch and head; q, k, v [B, T, H, D] -> [B, T, H, D].
+
+    Query i attends key j iff j <= i, i - j < window (None: unlimited) and
+    doc_ids[b, j] == doc_ids[b, i] (None: one document).  scale defaults to D**-0.5.
+    Dense: scores and probabilities in fp32 (fp64 for fp64 inputs), output in q's dtype.
+    Every query sees itself, so no row is fully masked.
+    """
+    length, head_dim = q.shape[1], q.shape[3]
+    compute = _compute_dtype(q.dtype)
+    scale = head_dim ** -0.5 if scale is None else scale
+    scores = torch.einsum("bihd,bjhd->bhij", q.to(compute), k.to(compute)) * scale
+    allowed = attention_mask(length, window=window, doc_ids=doc_ids, device=q.device)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), v.to(compute))
+    return out.to(q.dtype)
