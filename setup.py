@@ -140,15 +140,15 @@ def extension_modules():
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extension_modules()
-
-setup(
-    name="speedrun",
-    version="0.1.0",
-    description="Hand-written CUDA and Triton kernels for the NanoGPT and CIFAR-10 speedruns",
-    packages=find_packages(include=["kernels", "kernels.*", "speedrun", "speedrun.*", "bench"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.3", "numpy"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # pip runs this file as __main__; tests import its helpers
+    ext_modules, cmdclass = extension_modules()
+    setup(
+        name="speedrun",
+        version="0.1.0",
+        description="Hand-written CUDA and Triton kernels for the NanoGPT and CIFAR-10 speedruns",
+        packages=find_packages(include=["kernels", "kernels.*", "speedrun", "speedrun.*", "bench"]),
+        python_requires=">=3.10",
+        install_requires=["torch>=2.6", "triton>=3.3", "numpy"],
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
