@@ -56,3 +56,11 @@ def test_bad_environment_variable_fails_at_import_naming_it():
     done = _python("import kernels", KERNELS_BACKEND="fastest")
     assert done.returncode != 0
     assert "KERNELS_BACKEND" in done.stderr and "fastest" in done.stderr
+
+
+def test_python_m_kernels_summarizes_every_op():
+    done = _python("import runpy; runpy.run_module('kernels', run_name='__main__')")
+    assert done.returncode == 0, done.stderr
+    assert "CUDA extension" in done.stdout
+    for op in PUBLIC_OPS:
+        assert op in done.stdout
