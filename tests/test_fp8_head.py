@@ -10,8 +10,7 @@ import torch
 
 import kernels
 from kernels import reference
-
-BACKENDS = ["auto", "cuda", "triton", "reference"]
+from tests.helpers import BACKENDS, assert_identical, forward_backward
 
 
 def head_inputs(n=37, k=72, v=101, w_dtype=torch.float32, seed=0):
@@ -26,18 +25,6 @@ def head_inputs(n=37, k=72, v=101, w_dtype=torch.float32, seed=0):
     return x, weight, targets, upstream
 
 
-def forward_backward(fn, x, weight, upstream, **kwargs):
-    x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    out = fn(x, weight, **kwargs)
-    out.backward(upstream)
-    return out.detach(), x.grad, weight.grad
-
-
-def assert_identical(actual, expected):
-    for a, e in zip(actual, expected):
-        assert a.dtype == e.dtype and torch.equal(a, e)
-
-
 # ---- the public ops are the reference on the CPU ------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -45,8 +32,8 @@ def assert_identical(actual, expected):
 def test_fp8_linear_is_the_reference_under_every_backend(backend, w_dtype):
     x, weight, _, upstream = head_inputs(w_dtype=w_dtype)
     with kernels.use_backend(backend):
-        result = forward_backward(kernels.fp8_linear, x, weight, upstream)
-    assert_identical(result, forward_backward(reference.fp8_linear, x, weight, upstream))
+        result = forward_backward(kernels.fp8_linear, [x, weight], upstream)
+    assert_identical(result, forward_backward(reference.fp8_linear, [x, weight], upstream))
     assert result[0].dtype == torch.bfloat16 and result[2].dtype == w_dtype
 
 
@@ -60,17 +47,18 @@ def test_linear_softcap_ce_is_the_reference_under_every_backend(backend, fp8, x_
     upstream = torch.full((37,) if reduction == "none" else (), 1e-3)
     kwargs = dict(targets=targets, fp8=fp8, reduction=reduction, kind="tanh", cap=15.0)
     with kernels.use_backend(backend):
-        result = forward_backward(kernels.linear_softcap_cross_entropy, x, weight, upstream, **kwargs)
-    assert_identical(result, forward_backward(reference.linear_softcap_cross_entropy, x, weight, upstream,
-                                              **kwargs))
+        result = forward_backward(kernels.linear_softcap_cross_entropy, [x, weight], upstream,
+                                  **kwargs)
+    assert_identical(result, forward_backward(reference.linear_softcap_cross_entropy, [x, weight],
+                                              upstream, **kwargs))
     assert all(torch.isfinite(t).all() for t in result)
 
 
 def test_scales_are_passed_through():
     x, weight, _, upstream = head_inputs()
     scales = dict(x_scale=4.0, w_scale=2.0**7, grad_scale=2.0**17)
-    assert_identical(forward_backward(kernels.fp8_linear, x, weight, upstream, **scales),
-                     forward_backward(reference.fp8_linear, x, weight, upstream, **scales))
+    assert_identical(forward_backward(kernels.fp8_linear, [x, weight], upstream, **scales),
+                     forward_backward(reference.fp8_linear, [x, weight], upstream, **scales))
     assert not torch.equal(kernels.fp8_linear(x, weight, **scales), kernels.fp8_linear(x, weight))
 
 
@@ -102,8 +90,8 @@ def test_fp8_linear_compiles_with_fullgraph_and_matches_eager():
         return kernels.fp8_linear(a, b) * 2.0
 
     compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
-    assert_identical(forward_backward(compiled, x, weight, upstream),
-                     forward_backward(head, x, weight, upstream))
+    assert_identical(forward_backward(compiled, [x, weight], upstream),
+                     forward_backward(head, [x, weight], upstream))
 
 
 def test_linear_softcap_ce_compiles_with_fullgraph_and_matches_eager():
@@ -114,7 +102,8 @@ def test_linear_softcap_ce_compiles_with_fullgraph_and_matches_eager():
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
     one = torch.tensor(1.0)
-    assert_identical(forward_backward(compiled, x, weight, one), forward_backward(loss_fn, x, weight, one))
+    assert_identical(forward_backward(compiled, [x, weight], one),
+                     forward_backward(loss_fn, [x, weight], one))
 
 
 # ---- errors ------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import torch
 
 import kernels
 from kernels import reference
+from tests.helpers import BACKENDS
 
-BACKENDS = ["auto", "cuda", "triton", "reference"]
 NS5 = (3.4445, -4.7750, 2.0315)
 
 

@@ -15,15 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
+from tests.helpers import forward_backward, rel_err
 
 U = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 NS5 = (3.4445, -4.7750, 2.0315)
-
-
-def rel_err(actual, expected):
-    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives NaN (fails)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def generator(seed):
@@ -32,14 +27,6 @@ def generator(seed):
 
 def randn(*shape, gen, dtype=torch.float32, std=1.0):
     return (torch.randn(*shape, generator=gen) * std).to(dtype)
-
-
-def forward_backward(fn, inputs, upstream, **kwargs):
-    """(fn(*inputs), [d(out . upstream)/d input for each input]) with fresh leaf copies."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves, **kwargs)
-    out.backward(upstream.to(out.dtype))
-    return out.detach(), [leaf.grad for leaf in leaves]
 
 
 def float64_oracle(fn, inputs, upstream, **kwargs):
@@ -72,8 +59,8 @@ def ce(targets, **kwargs):
 def test_softcap_ce_matches_float64(kind, dtype):
     logits, targets = ce_inputs(37, 1001, dtype, seed=1)
     one = torch.tensor(1.0)
-    loss, (grad,) = forward_backward(ce(targets, kind=kind), [logits], one)
-    loss64, (grad64,) = float64_oracle(ce(targets, kind=kind), [logits], one)
+    loss, grad = forward_backward(ce(targets, kind=kind), [logits], one)
+    loss64, grad64 = float64_oracle(ce(targets, kind=kind), [logits], one)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     assert rel_err(loss, loss64) < 1e-5
     assert rel_err(grad, grad64) < CE_GRAD_TOL[dtype]
@@ -83,8 +70,8 @@ def test_softcap_ce_matches_float64(kind, dtype):
 def test_softcap_ce_kind_none_is_plain_cross_entropy(reduction):
     logits, targets = ce_inputs(29, 203, torch.float32, seed=2, n_ignored=3)
     upstream = torch.randn(29, generator=generator(3)) if reduction == "none" else torch.tensor(0.7)
-    loss, (grad,) = forward_backward(ce(targets, kind=None, reduction=reduction), [logits], upstream)
-    expected, (expected_grad,) = forward_backward(
+    loss, grad = forward_backward(ce(targets, kind=None, reduction=reduction), [logits], upstream)
+    expected, expected_grad = forward_backward(
         lambda z: F.cross_entropy(z, targets, ignore_index=-100, reduction=reduction), [logits], upstream)
     assert rel_err(loss, expected) < 1e-6
     assert rel_err(grad, expected_grad) < 1e-6
@@ -106,7 +93,7 @@ def test_softcap_ce_reductions_agree_and_int32_targets_are_the_same():
 
 def test_softcap_ce_ignored_rows_have_exactly_zero_gradient():
     logits, targets = ce_inputs(16, 301, torch.bfloat16, seed=5, n_ignored=6)
-    _, (grad,) = forward_backward(ce(targets), [logits], torch.tensor(1.0))
+    _, grad = forward_backward(ce(targets), [logits], torch.tensor(1.0))
     ignored = targets == -100
     assert (grad[ignored] == 0).all()
     assert (grad[~ignored] != 0).any(dim=1).all()
@@ -122,7 +109,7 @@ def test_softcap_ce_custom_ignore_index():
 def test_softcap_ce_all_ignored_mean_is_nan_with_zero_gradient():
     logits, _ = ce_inputs(4, 50, torch.float32, seed=7)
     targets = torch.full((4,), -100)
-    loss, (grad,) = forward_backward(ce(targets), [logits], torch.tensor(1.0))
+    loss, grad = forward_backward(ce(targets), [logits], torch.tensor(1.0))
     assert math.isnan(loss.item())
     assert (grad == 0).all()
 
@@ -131,7 +118,7 @@ def test_softcap_ce_all_ignored_mean_is_nan_with_zero_gradient():
 def test_softcap_ce_out_of_range_target_gives_nan_row_without_indexing(bad_target):
     logits, targets = ce_inputs(6, 50, torch.float32, seed=8, n_ignored=0)
     targets[2] = bad_target
-    rows, (grad,) = forward_backward(ce(targets, reduction="none"), [logits], torch.ones(6))
+    rows, grad = forward_backward(ce(targets, reduction="none"), [logits], torch.ones(6))
     others = torch.arange(6) != 2
     assert math.isnan(rows[2].item()) and torch.isnan(grad[2]).all()
     assert torch.isfinite(rows[others]).all() and torch.isfinite(grad[others]).all()
@@ -194,7 +181,7 @@ def test_fp8_linear_forward_is_the_scaled_mm_computation(w_dtype):
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 def test_fp8_linear_backward_quantizes_the_gradient_to_e5m2(w_dtype):
     x, weight, upstream = head_inputs(37, 75, 101, w_dtype, seed=11)
-    _, (dx, dw) = forward_backward(reference.fp8_linear, [x, weight], upstream)
+    _, dx, dw = forward_backward(reference.fp8_linear, [x, weight], upstream)
     x8 = quantize(x.double() * X_SCALE, E4M3)
     w8 = quantize(weight.mul(W_SCALE).double(), E4M3)
     g8 = quantize(upstream.double() * GRAD_SCALE, E5M2)
@@ -217,8 +204,8 @@ def test_fp8_linear_is_close_to_the_exact_product():
     x = randn(37, 75, gen=gen, dtype=torch.bfloat16)
     weight = randn(101, 75, gen=gen, std=0.05)
     upstream = randn(37, 101, gen=gen, dtype=torch.bfloat16, std=1e-4)
-    y, (dx, dw) = forward_backward(reference.fp8_linear, [x, weight], upstream)
-    y64, (dx64, dw64) = float64_oracle(lambda a, b: a @ b.T, [x, weight], upstream)
+    y, dx, dw = forward_backward(reference.fp8_linear, [x, weight], upstream)
+    y64, dx64, dw64 = float64_oracle(lambda a, b: a @ b.T, [x, weight], upstream)
     assert rel_err(y, y64) < 0.08
     assert rel_err(dx, dx64) < 0.12 and rel_err(dw, dw64) < 0.12
 
@@ -232,7 +219,7 @@ def test_fp8_linear_out_of_range_follows_the_casts():
     weight = torch.full((4, 5), 2.0**-9)
     upstream = torch.full((3, 4), 1e-6, dtype=torch.bfloat16)
     upstream[2, 0] = 1.0  # * 2**19 > 57344, the largest e5m2
-    y, (dx, dw) = forward_backward(reference.fp8_linear, [x, weight], upstream)
+    y, dx, dw = forward_backward(reference.fp8_linear, [x, weight], upstream)
     assert torch.equal(y[1], torch.full((4,), (4 * 2.0 + 448.0) / 1024, dtype=torch.bfloat16))
     assert torch.equal(y[0], torch.full((4,), 5 * 2.0 / 1024, dtype=torch.bfloat16))
     assert torch.isinf(dx[2]).all() and torch.isfinite(dx[:2]).all()
@@ -252,9 +239,9 @@ def test_linear_softcap_ce_with_fp8_is_the_composition(reduction):
     def composed(a, b):
         return reference.softcap_cross_entropy(reference.fp8_linear(a, b), targets, reduction=reduction)
 
-    loss, grads = forward_backward(reference.linear_softcap_cross_entropy, [x, weight], upstream,
+    loss, *grads = forward_backward(reference.linear_softcap_cross_entropy, [x, weight], upstream,
                                    targets=targets, reduction=reduction)
-    expected, expected_grads = forward_backward(composed, [x, weight], upstream)
+    expected, *expected_grads = forward_backward(composed, [x, weight], upstream)
     assert torch.equal(loss, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
     assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
@@ -271,8 +258,8 @@ def test_linear_softcap_ce_without_fp8_matches_float64(kind):
     def head(a, b):
         return reference.linear_softcap_cross_entropy(a, b, targets, fp8=False, kind=kind)
 
-    loss, grads = forward_backward(head, [x, weight], torch.tensor(1.0))
-    loss64, grads64 = float64_oracle(head, [x, weight], torch.tensor(1.0))
+    loss, *grads = forward_backward(head, [x, weight], torch.tensor(1.0))
+    loss64, *grads64 = float64_oracle(head, [x, weight], torch.tensor(1.0))
     assert rel_err(loss, loss64) < 1e-5
     assert all(rel_err(g, g64) < 1e-5 for g, g64 in zip(grads, grads64))
 
@@ -382,8 +369,8 @@ def mlp_inputs(lead, d, h, dtype, *, seed):
 def test_relu2_mlp_matches_float64(dtype, lead):
     x, w_fc, w_proj = mlp_inputs(lead, 45, 83, dtype, seed=24)
     upstream = randn(*lead, 45, gen=generator(25), dtype=dtype)
-    out, grads = forward_backward(reference.relu2_mlp, [x, w_fc, w_proj], upstream)
-    out64, grads64 = float64_oracle(reference.relu2_mlp, [x, w_fc, w_proj], upstream)
+    out, *grads = forward_backward(reference.relu2_mlp, [x, w_fc, w_proj], upstream)
+    out64, *grads64 = float64_oracle(reference.relu2_mlp, [x, w_fc, w_proj], upstream)
     assert out.dtype == dtype and out.shape == x.shape
     assert rel_err(out, out64) < MLP_TOL[dtype]
     for name, g, g64 in zip(("x", "w_fc", "w_proj"), grads, grads64):
@@ -394,8 +381,8 @@ def test_relu2_mlp_matches_float64(dtype, lead):
 def test_linear_relu2_matches_float64(dtype):
     x, w, _ = mlp_inputs((3, 13), 45, 83, dtype, seed=26)
     upstream = randn(3, 13, 83, gen=generator(27), dtype=dtype)
-    out, grads = forward_backward(reference.linear_relu2, [x, w], upstream)
-    out64, grads64 = float64_oracle(reference.linear_relu2, [x, w], upstream)
+    out, *grads = forward_backward(reference.linear_relu2, [x, w], upstream)
+    out64, *grads64 = float64_oracle(reference.linear_relu2, [x, w], upstream)
     assert out.shape == (3, 13, 83) and (out >= 0).all()
     assert rel_err(out, out64) < MLP_TOL[dtype]
     assert all(rel_err(g, g64) < MLP_TOL[dtype] for g, g64 in zip(grads, grads64))
@@ -403,7 +390,7 @@ def test_linear_relu2_matches_float64(dtype):
 
 def test_relu2_negative_preactivations_pass_no_gradient():
     x, w, _ = mlp_inputs((11,), 9, 21, torch.float64, seed=28)
-    _, (dx, dw) = forward_backward(reference.linear_relu2, [x, w], torch.ones(11, 21))
+    _, dx, dw = forward_backward(reference.linear_relu2, [x, w], torch.ones(11, 21))
     dead = (x @ w.T) < 0
     expected_dw = (2 * torch.relu(x @ w.T)).T @ x
     assert dead.any() and torch.allclose(dw, expected_dw, rtol=1e-12, atol=0)
@@ -432,9 +419,9 @@ def random_documents(b, t, *, seed, mean_length=9):
 def test_attention_matches_float64(dtype, window, with_docs):
     q, k, v, upstream = attention_inputs(2, 53, 3, 24, dtype, seed=29)
     doc_ids = random_documents(2, 53, seed=30) if with_docs else None
-    out, grads = forward_backward(reference.sliding_window_attention, [q, k, v], upstream,
+    out, *grads = forward_backward(reference.sliding_window_attention, [q, k, v], upstream,
                                   window=window, doc_ids=doc_ids)
-    out64, grads64 = float64_oracle(reference.sliding_window_attention, [q, k, v], upstream,
+    out64, *grads64 = float64_oracle(reference.sliding_window_attention, [q, k, v], upstream,
                                     window=window, doc_ids=doc_ids)
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_err(out, out64) < ATTN_TOL[dtype]
@@ -446,7 +433,7 @@ def test_attention_window_one_returns_v_and_no_score_gradient():
     # One allowed key: softmax weight exactly 1, so out == v bit for bit, and the scores'
     # gradient p * (dp - sum p dp) is exactly 0, so dq == dk == 0 and dv == upstream.
     q, k, v, upstream = attention_inputs(2, 19, 2, 16, torch.bfloat16, seed=31)
-    out, (dq, dk, dv) = forward_backward(reference.sliding_window_attention, [q, k, v], upstream,
+    out, dq, dk, dv = forward_backward(reference.sliding_window_attention, [q, k, v], upstream,
                                          window=1)
     assert torch.equal(out, v)
     assert (dq == 0).all() and (dk == 0).all() and torch.equal(dv, upstream)

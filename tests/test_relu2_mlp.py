@@ -10,8 +10,7 @@ import torch
 
 import kernels
 from kernels import reference
-
-BACKENDS = ["auto", "cuda", "triton", "reference"]
+from tests.helpers import BACKENDS, assert_identical, forward_backward
 
 
 def mlp_inputs(lead=(3, 13), d=45, h=83, dtype=torch.bfloat16, seed=0):
@@ -22,28 +21,14 @@ def mlp_inputs(lead=(3, 13), d=45, h=83, dtype=torch.bfloat16, seed=0):
     return x, w_fc, w_proj
 
 
-def forward_backward(fn, *inputs):
-    """(out, grads...) of fn(*inputs) with a fixed, non-uniform upstream gradient."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
-    out.backward(upstream)
-    return (out.detach(), *[leaf.grad for leaf in leaves])
-
-
-def assert_identical(actual, expected):
-    for a, e in zip(actual, expected):
-        assert a.dtype == e.dtype and torch.equal(a, e)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("lead", [(37,), (3, 13), ()])
 def test_relu2_mlp_is_the_reference_under_every_backend(backend, dtype, lead):
     x, w_fc, w_proj = mlp_inputs(lead, dtype=dtype)
     with kernels.use_backend(backend):
-        result = forward_backward(kernels.relu2_mlp, x, w_fc, w_proj)
-    assert_identical(result, forward_backward(reference.relu2_mlp, x, w_fc, w_proj))
+        result = forward_backward(kernels.relu2_mlp, [x, w_fc, w_proj], seed=1)
+    assert_identical(result, forward_backward(reference.relu2_mlp, [x, w_fc, w_proj], seed=1))
     assert result[0].shape == x.shape
 
 
@@ -52,8 +37,8 @@ def test_relu2_mlp_is_the_reference_under_every_backend(backend, dtype, lead):
 def test_linear_relu2_is_the_reference_under_every_backend(backend, dtype):
     x, w, _ = mlp_inputs(dtype=dtype)
     with kernels.use_backend(backend):
-        result = forward_backward(kernels.linear_relu2, x, w)
-    assert_identical(result, forward_backward(reference.linear_relu2, x, w))
+        result = forward_backward(kernels.linear_relu2, [x, w], seed=1)
+    assert_identical(result, forward_backward(reference.linear_relu2, [x, w], seed=1))
     assert result[0].shape == (3, 13, 83)
 
 
@@ -83,14 +68,15 @@ def test_meta_tensors_at_the_speedrun_shapes():
 def test_relu2_mlp_compiles_with_fullgraph_and_matches_eager():
     compiled = torch.compile(kernels.relu2_mlp, backend="aot_eager", fullgraph=True)
     x, w_fc, w_proj = mlp_inputs()
-    assert_identical(forward_backward(compiled, x, w_fc, w_proj),
-                     forward_backward(kernels.relu2_mlp, x, w_fc, w_proj))
+    assert_identical(forward_backward(compiled, [x, w_fc, w_proj], seed=1),
+                     forward_backward(kernels.relu2_mlp, [x, w_fc, w_proj], seed=1))
 
 
 def test_linear_relu2_compiles_with_fullgraph_and_matches_eager():
     compiled = torch.compile(kernels.linear_relu2, backend="aot_eager", fullgraph=True)
     x, w, _ = mlp_inputs()
-    assert_identical(forward_backward(compiled, x, w), forward_backward(kernels.linear_relu2, x, w))
+    assert_identical(forward_backward(compiled, [x, w], seed=1),
+                     forward_backward(kernels.linear_relu2, [x, w], seed=1))
 
 
 # ---- errors ------------------------------------------------------------------------------

@@ -10,8 +10,7 @@ import torch
 
 import kernels
 from kernels import reference
-
-BACKENDS = ["auto", "cuda", "triton", "reference"]
+from tests.helpers import BACKENDS, assert_identical, forward_backward
 
 
 def qkv(b=2, t=37, h=2, d=64, dtype=torch.bfloat16, seed=0):
@@ -24,19 +23,6 @@ def documents(b=2, t=37, seed=1):
     return torch.cumsum(starts.int(), dim=1).int()
 
 
-def forward_backward(fn, q, k, v, **kwargs):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves, **kwargs)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
-    out.backward(upstream)
-    return (out.detach(), *[leaf.grad for leaf in leaves])
-
-
-def assert_identical(actual, expected):
-    for a, e in zip(actual, expected):
-        assert a.dtype == e.dtype and torch.equal(a, e)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 128)])
 @pytest.mark.parametrize("window,with_docs,scale", [(None, False, None), (9, True, 0.12), (1, True, None)])
@@ -44,8 +30,9 @@ def test_is_the_reference_under_every_backend(backend, dtype, d, window, with_do
     q, k, v = qkv(d=d, dtype=dtype)
     kwargs = dict(window=window, doc_ids=documents() if with_docs else None, scale=scale)
     with kernels.use_backend(backend):
-        result = forward_backward(kernels.sliding_window_attention, q, k, v, **kwargs)
-    assert_identical(result, forward_backward(reference.sliding_window_attention, q, k, v, **kwargs))
+        result = forward_backward(kernels.sliding_window_attention, [q, k, v], seed=2, **kwargs)
+    assert_identical(result, forward_backward(reference.sliding_window_attention, [q, k, v], seed=2,
+                                              **kwargs))
     assert result[0].shape == q.shape
 
 
@@ -81,7 +68,8 @@ def test_compiles_with_fullgraph_and_matches_eager():
         return kernels.sliding_window_attention(a, b, c, window=7, doc_ids=doc_ids, scale=0.12)
 
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
-    assert_identical(forward_backward(compiled, q, k, v), forward_backward(attend, q, k, v))
+    assert_identical(forward_backward(compiled, [q, k, v], seed=2),
+                     forward_backward(attend, [q, k, v], seed=2))
 
 
 # ---- errors ------------------------------------------------------------------------------

@@ -14,17 +14,12 @@ import pytest
 import torch
 import kernels
 from kernels import reference, softcap_ce
+from tests.helpers import rel_err
 from tests.hopper_aot import compile_for_hopper
 
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOSS_TOL = 1e-5
 KINDS = ["sigmoid", "tanh", None]
-
-
-def rel_err(actual, expected, floor=1e-30):
-    """||actual - expected|| / max(||expected||, floor); NaN anywhere gives NaN (fails)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(floor)).item()
 
 
 def make_inputs(n, v, dtype, device, *, target_dtype=torch.int64, n_ignored=2, spread=4.0, seed=None):
