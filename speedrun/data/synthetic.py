@@ -1,0 +1,235 @@
+"""The embedded default corpus: FineWeb-format shards from a Markov chain of known entropy rate.
+
+The trainer runs out of the box, offline, on this corpus, and prints its entropy rate
+beside the val loss: no model can beat that rate on average, so it is the floor the val
+loss falls toward (a model that has learned the chain exactly sits on it).
+
+The chain.  K content tokens (ids 0..K-1, a block of the GPT-2 vocabulary) and the
+document separator EOT = 50256.  From a content token x: with probability q emit EOT,
+else emit (x + n) mod K with n drawn from a fixed offset distribution p (num_offsets
+distinct offsets in 1..K-1 drawn with noise_seed, probabilities proportional to
+rank^-zipf).  From EOT: a uniform content token.  Every stationary row's entropy is
+known, so the entropy rate is exact (nats/token):
+
+    H = [H_b(q) + (1-q) H(p)] / (1+q) + [q/(1+q)] log K
+
+(content tokens have stationary mass 1/(1+q) and row entropy H_b(q) + (1-q) H(p); EOT has
+mass q/(1+q) and row entropy log K).  So each document is EOT followed by a geometric
+number of content tokens (mean 1/q, 400 by default: longer than the short attention
+windows of the smoke preset, shorter than the long ones), like FineWeb's shards where
+every document starts with EOT.
+
+    python -m speedrun.data.synthetic [--out DIR]
+
+generates the default corpus (into the cache, or DIR) and prints its entropy rate.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from speedrun.data import fineweb
+
+EOT = 50256  # GPT-2's <|endoftext|>: the record's document separator
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    K: int = 1024                    # content tokens: ids 0..K-1
+    q: float = 1 / 400               # P(EOT | content token); documents hold 1/q content tokens on average
+    num_offsets: int = 32            # support of the offset distribution p
+    zipf: float = 1.0                # p(offset of rank r) proportional to r^-zipf
+    noise_seed: int = 0              # picks the offsets
+    seed: int = 1                    # draws the token streams
+    train_tokens: int = 20_000_000
+    val_tokens: int = 1_000_000
+    shard_tokens: int = 10_000_000   # train (and val) are cut into shards of at most this many tokens
+    version: int = 1                 # bump when the generator changes: it names the cache folder
+
+    def __post_init__(self):
+        if not 2 <= self.K <= EOT:
+            raise ValueError(f"K must be in [2, {EOT}] so content ids stay below EOT={EOT}, got {self.K}")
+        if not 0 < self.q < 1:
+            raise ValueError(f"q must be in (0, 1), got {self.q}")
+        if not 1 <= self.num_offsets <= self.K - 1:
+            raise ValueError(f"num_offsets must be in [1, K-1={self.K - 1}], got {self.num_offsets}")
+        if min(self.train_tokens, self.val_tokens, self.shard_tokens) < 1:
+            raise ValueError("train_tokens, val_tokens and shard_tokens must be positive")
+
+
+DEFAULT_SPEC = SyntheticSpec()
+
+
+def noise_distribution(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64 [num_offsets], probabilities float64 [num_offsets]), most likely first.
+
+    The offsets are distinct mod K, so the next-token distribution of a content token has
+    exactly the entropy of p (no two offsets land on the same token)."""
+    rng = np.random.default_rng(spec.noise_seed)
+    offsets = rng.choice(np.arange(1, spec.K, dtype=np.int64), size=spec.num_offsets, replace=False)
+    weights = np.arange(1, spec.num_offsets + 1, dtype=np.float64) ** -spec.zipf
+    return offsets, weights / weights.sum()
+
+
+def entropy_rate(spec: SyntheticSpec) -> float:
+    """The chain's stationary entropy rate in nats/token (the best achievable mean val loss)."""
+    _, probs = noise_distribution(spec)
+    q = spec.q
+    noise_entropy = -float(np.sum(probs * np.log(probs)))
+    binary_entropy = -(q * math.log(q) + (1 - q) * math.log(1 - q))
+    return (binary_entropy + (1 - q) * noise_entropy) / (1 + q) + q / (1 + q) * math.log(spec.K)
+
+
+def sample_tokens(spec: SyntheticSpec, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` tokens (uint16) of the chain, starting with EOT; the last document is cut off.
+
+    Vectorized: all randomness comes from rng.random() (uniforms, whose stream numpy keeps
+    stable across versions) turned into samples by inverse CDFs."""
+    offsets, probs = noise_distribution(spec)
+    cdf = np.cumsum(probs)
+    # Content tokens per document: L >= 1 with P(L = l) = (1-q)^(l-1) q.  Draw documents in
+    # batches until they cover `count` tokens (each document takes L + 1 with its EOT).
+    lengths, covered = [], 0
+    while covered < count:
+        batch = max(16, int(1.1 * (count - covered) * spec.q / (1 + spec.q)))
+        drawn = 1 + np.floor(np.log1p(-rng.random(batch)) / math.log1p(-spec.q)).astype(np.int64)
+        lengths.append(drawn)
+        covered += int(drawn.sum() + batch)
+    lengths = np.concatenate(lengths)
+    ends = np.cumsum(lengths + 1)                       # one past each document's last token
+    lengths = lengths[:int(np.searchsorted(ends, count)) + 1]
+    doc_starts = ends[:len(lengths)] - (lengths + 1)    # where each EOT goes
+    total_content = int(lengths.sum())
+
+    # Within a document token_i = (first + offset_1 + ... + offset_i) mod K: one cumulative
+    # sum over all documents, re-based at each document's first token.
+    steps = offsets[np.minimum(np.searchsorted(cdf, rng.random(total_content), side="right"), len(cdf) - 1)]
+    first_index = np.cumsum(lengths) - lengths          # each document's first content token
+    steps[first_index] = 0
+    running = np.cumsum(steps)
+    first_token = np.floor(rng.random(len(lengths)) * spec.K).astype(np.int64)
+    content = np.mod(running + np.repeat(first_token - running[first_index], lengths), spec.K)
+
+    stream = np.empty(total_content + len(lengths), dtype=np.uint16)
+    is_eot = np.zeros(len(stream), dtype=bool)
+    is_eot[doc_starts] = True
+    stream[is_eot] = EOT
+    stream[~is_eot] = content
+    return stream[:count]
+
+
+def _split_shards(split: str, total: int, first_index: int, spec: SyntheticSpec) -> list[tuple[str, int]]:
+    """(file name, token count) of each shard of a split."""
+    sizes = [min(spec.shard_tokens, total - start) for start in range(0, total, spec.shard_tokens)]
+    return [(f"fineweb_{split}_{first_index + i:06d}.bin", n) for i, n in enumerate(sizes)]
+
+
+def generate(spec: SyntheticSpec, out_dir: str | Path) -> Path:
+    """Write the corpus into out_dir: fineweb_val_000000.bin.., fineweb_train_000001.bin..,
+    and corpus.json (written last: its presence marks a complete corpus)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = {}
+    for split_id, (split, total, first_index) in enumerate([("val", spec.val_tokens, 0),
+                                                             ("train", spec.train_tokens, 1)]):
+        for shard_id, (name, count) in enumerate(_split_shards(split, total, first_index, spec)):
+            # A stream per shard: one shard's tokens are in memory at a time, whatever the corpus size.
+            rng = np.random.default_rng([spec.seed, split_id, shard_id])
+            fineweb.write_shard(out_dir / name, sample_tokens(spec, count, rng))
+            shards[name] = count
+    offsets, probs = noise_distribution(spec)
+    description = {
+        "what": "speedrun synthetic corpus: a Markov chain over K content tokens and EOT (speedrun/data/synthetic.py)",
+        "version": spec.version,
+        "spec": dataclasses.asdict(spec),
+        "entropy_rate": entropy_rate(spec),  # nats/token
+        "entropy_rate_bits": entropy_rate(spec) / math.log(2),
+        "eot": EOT,
+        "offsets": offsets.tolist(),
+        "offset_probs": probs.tolist(),
+        "train_tokens": spec.train_tokens,
+        "val_tokens": spec.val_tokens,
+        "shards": shards,
+    }
+    (out_dir / "corpus.json").write_text(json.dumps(description, indent=1) + "\n")
+    return out_dir
+
+
+def corpus_name(spec: SyntheticSpec) -> str:
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    return f"synthetic-v{spec.version}-{digest}"
+
+
+def ensure_corpus(spec: SyntheticSpec = DEFAULT_SPEC, cache_dir: str | Path | None = None) -> Path:
+    """The corpus folder for `spec`, generated on first use.
+
+    Lives in <cache>/synthetic-v<version>-<hash of spec>, <cache> = cache_dir, else
+    $SPEEDRUN_CACHE, else ~/.cache/speedrun.  Generated into a temporary folder and renamed
+    into place when complete, so a partial corpus is never used; a file lock makes
+    concurrent processes (e.g. every rank under torchrun) wait for the first one."""
+    root = Path(cache_dir or os.environ.get("SPEEDRUN_CACHE") or Path.home() / ".cache" / "speedrun")
+    final = root / corpus_name(spec)
+    if (final / "corpus.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (final / "corpus.json").is_file():  # another process made it while this one waited
+            return final
+        # Holding the lock, any partial folder for this spec is a leftover of a killed run.
+        for leftover in root.glob(f".{final.name}.partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        # Not tempfile.mkdtemp: its mode 0700 would make a shared $SPEEDRUN_CACHE private.
+        partial = root / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        partial.mkdir()
+        try:
+            started = time.perf_counter()
+            print(f"speedrun: generating the synthetic corpus ({spec.train_tokens:,} train + {spec.val_tokens:,} val "
+                  f"tokens) in {final} ...", end="", file=sys.stderr, flush=True)
+            generate(spec, partial)
+            if final.exists():  # an incomplete folder someone else left: never used, replaced
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            print(f" done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def entropy_rate_of(folder: str | Path) -> float:
+    """The entropy rate (nats/token) recorded in a generated corpus's corpus.json."""
+    path = Path(folder) / "corpus.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {folder} is not a generated synthetic corpus")
+    return float(json.loads(path.read_text())["entropy_rate"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m speedrun.data.synthetic",
+        description="Generate the embedded synthetic corpus (FineWeb .bin shards of a Markov chain with a known "
+                    "entropy rate) and print that rate, the floor of the val loss on it.")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="write the corpus here (default: the cache the trainer uses, "
+                             "$SPEEDRUN_CACHE or ~/.cache/speedrun)")
+    args = parser.parse_args(argv)
+    folder = generate(DEFAULT_SPEC, args.out) if args.out else ensure_corpus()
+    rate = entropy_rate(DEFAULT_SPEC)
+    print(f"{folder}: entropy rate {rate:.6f} nats/token ({rate / math.log(2):.6f} bits/token)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
