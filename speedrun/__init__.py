@@ -1,6 +1,8 @@
 """speedrun: the trainers built on `kernels`.
 
-The GPT trainer (speedrun.gpt, the 2025-01 NanoGPT record) and the CIFAR-10 trainer
-(speedrun.cifar, airbench94_muon), with their optimizers, data and profiler, land here;
-see the project's issues 3 and 8.  Today the package holds no code of its own yet.
+  speedrun.gpt        the NanoGPT speedrun (2025-01-26 record): `python -m speedrun.gpt`
+  speedrun.data       FineWeb .bin shards, their loader and downloader; the synthetic corpus
+  speedrun.optim      Muon (batched Newton-Schulz, sharded across ranks), Adam groups, schedules
+  speedrun.profiler   per-step phase timing, GPU telemetry and kernel traces, for every trainer
+  speedrun.checkpoint, distributed, runlog, ablation: what the trainers share
 """

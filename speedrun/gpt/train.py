@@ -1,0 +1,295 @@
+"""The GPT speedrun trainer: the 2025-01-26 record's recipe on 1..8 GPUs (or a CPU).
+
+    python -m speedrun.gpt --preset smoke                  # tiny model, embedded corpus, CPU ok
+    torchrun --standalone --nproc_per_node=8 -m speedrun.gpt --preset record --data DIR
+
+Reads top to bottom: the configuration and its presets, then `main`: set-up, data,
+model, optimizers, and the training loop (validate, step, log, checkpoint).  Every field
+of TrainConfig is a command-line option (`--help`), and a preset only changes defaults.
+
+The global batch is kept whatever the number of GPUs: each step consumes
+`batch_tokens` tokens as world_size x accumulation forward passes of `seq_len` tokens
+(the record: 8 GPUs x 1 pass x 49152).  Timing follows the record: train_time excludes
+validation and the first steps (compilation, warm-up); step_avg is over the timed steps.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from speedrun import ablation, checkpoint, distributed, optim, runlog
+from speedrun.data import fineweb, synthetic
+from speedrun.gpt import baseline
+from speedrun.gpt.model import FAMILIES as MODEL_FAMILIES
+from speedrun.gpt.model import GPT, GPTConfig
+from speedrun.profiler import Profiler
+
+FAMILIES = {**MODEL_FAMILIES, "newton_schulz": ("ours", "torch")}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
+
+
+def option(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # data
+    data: str | None = option(None, "folder of FineWeb .bin shards (fineweb_train_*.bin, fineweb_val_*.bin); "
+                                    "default: the embedded synthetic corpus, generated on first use")
+    # schedule
+    steps: int = option(1770, "optimizer steps")
+    cooldown_frac: float = option(0.4, "fraction of steps at the end over which the LR decays linearly to 0.1x")
+    batch_tokens: int = option(8 * 48 * 1024, "tokens per optimizer step, all GPUs together (kept constant: "
+                                              "fewer GPUs accumulate gradients)")
+    seq_len: int = option(48 * 1024, "tokens per forward pass per GPU: one packed sequence (multiple of 128)")
+    window_max: int = option(1792, "long attention window (tokens) reached at the end; it grows linearly from "
+                                   "128, in 128-token blocks; the short window is half")
+    val_every: int = option(125, "validate every this many steps (and at the end); 0 = only at the end")
+    val_tokens: int = option(10485760, "validation tokens per evaluation (all GPUs together)")
+    val_seq_len: int = option(4 * 64 * 1024, "tokens per validation forward pass per GPU")
+    # optimizers
+    muon_lr: float = option(0.05, "Muon learning rate (the blocks' matrices)")
+    muon_momentum: float = option(0.95, "Muon momentum after warm-up")
+    muon_momentum_start: float = option(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup: int = option(300, "steps over which Muon momentum rises linearly")
+    head_lr: float = option(0.008, "Adam learning rate of the LM head")
+    embed_lr: float = option(0.6, "Adam learning rate of the token and value embeddings")
+    scalar_lr: float = option(0.04, "Adam learning rate of the scalars (lambdas, skip weights)")
+    # model (GPTConfig)
+    vocab_size: int = option(50257, "vocabulary (the head pads it to a multiple of 128)")
+    num_layers: int = option(12, "transformer blocks (even: U-net skips pair them)")
+    model_dim: int = option(768, "residual width")
+    num_heads: int = option(6, "attention heads")
+    head_dim: int = option(128, "attention head size (64 or 128 for our attention kernel)")
+    mlp_dim: int = option(3072, "MLP hidden width")
+    windows: str = option("LSSSLSS-SSSL", "per layer: L long window, S short, - no attention")
+    value_embeds: int = option(3, "value-embedding tables, used by the first and last that-many layers")
+    # implementation
+    kernels: str = option("auto", "implementation per op family: auto (ours), off (the record's torch.compile/"
+                                  "FlexAttention/_scaled_mm path), or e.g. attention=flex,mlp=ours; families: "
+                                  + ", ".join(f"{f} ({'/'.join(c)})" for f, c in FAMILIES.items()))
+    compile: str = option("auto", "torch.compile the model: auto (on CUDA), on, off")
+    device: str = option("auto", "auto (CUDA if available), cuda, cpu")
+    seed: int = option(0, "seed for the model's initialization")
+    # outputs
+    run_dir: str | None = option(None, "output folder (default runs/<preset>-<time>)")
+    log_every: int = option(10, "read the training loss back every this many steps (a host sync)")
+    save_every: int = option(0, "write a checkpoint every this many steps (0 = never; always at the end if >0)")
+    resume: str | None = option(None, "checkpoint to resume from: continues exactly where it stopped")
+    profile: bool = option(False, "profile: per-step phase times, GPU telemetry, a kernel trace (see --profile-steps)")
+    profile_steps: str = option("10:13", "steps start:end traced by torch.profiler when --profile is on")
+
+
+PRESETS = {
+    # The 2025-01-26 record: 8 x 48K tokens per step, 1770 steps, val every 125 over 10.5M tokens.
+    "record": {},
+    # A tiny model on the embedded corpus: a CPU trains it in a few minutes and its val loss
+    # falls clearly toward the corpus's entropy rate.
+    "smoke": dict(steps=150, batch_tokens=2 * 1024, seq_len=1024, window_max=512, val_every=50,
+                  val_tokens=8 * 1024, val_seq_len=2048, muon_momentum_warmup=50,
+                  num_layers=4, model_dim=128, num_heads=2, head_dim=64, mlp_dim=512, windows="LSSL",
+                  value_embeds=1, log_every=10, profile_steps="3:5"),
+}
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, str]:
+    parser = argparse.ArgumentParser(
+        prog="python -m speedrun.gpt",
+        description="Train the NanoGPT speedrun model (the 2025-01-26 record recipe). "
+                    "Launch with torchrun for several GPUs; a preset sets the defaults, any option overrides.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
+                        help="record: the record's configuration; smoke: a tiny model on the embedded corpus")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(str(field.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=field.metadata["help"])
+    args = parser.parse_args(argv)
+    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != "preset"}}
+    return TrainConfig(**values), args.preset
+
+
+def window_blocks(step: int, total: int, window_max: int) -> int:
+    """The long window at `step`, in 128-token blocks: linear from 128 tokens to window_max,
+    rounded up to whole blocks (the record: 1728 * step/total, rounded up, 1..14 blocks)."""
+    grown = (window_max - 64) * step / total
+    return max(1, math.ceil(grown / baseline.FLEX_BLOCK))
+
+
+def check_config(cfg: TrainConfig, world_size: int) -> int:
+    """Validate the shapes against the world size; returns gradient-accumulation steps."""
+    if cfg.seq_len % baseline.FLEX_BLOCK or cfg.val_seq_len % baseline.FLEX_BLOCK:
+        raise ValueError(f"--seq-len and --val-seq-len must be multiples of {baseline.FLEX_BLOCK}")
+    per_pass = world_size * cfg.seq_len
+    if cfg.batch_tokens % per_pass:
+        raise ValueError(f"--batch-tokens ({cfg.batch_tokens}) must be a multiple of world_size x seq_len "
+                         f"({world_size} x {cfg.seq_len})")
+    if cfg.val_tokens < world_size * cfg.val_seq_len:
+        raise ValueError("--val-tokens must cover at least one --val-seq-len pass per GPU")
+    return cfg.batch_tokens // per_pass
+
+
+def data_files(cfg: TrainConfig) -> tuple[Path, float | None]:
+    """(shard folder, entropy rate in nats/token if the corpus is the synthetic one)."""
+    if cfg.data is not None:
+        return Path(cfg.data), None
+    folder = synthetic.ensure_corpus()
+    return folder, synthetic.entropy_rate_of(folder)
+
+
+def evaluate(model, folder: Path, cfg: TrainConfig, ctx: distributed.Dist, blocks: int) -> float:
+    """Mean loss over the first val_tokens of the validation shards, all ranks together."""
+    loader = fineweb.TokenLoader.from_pattern(folder, split="val", global_batch_tokens=ctx.world_size * cfg.val_seq_len,
+                                              rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    passes = cfg.val_tokens // (ctx.world_size * cfg.val_seq_len)
+    model.eval()
+    total = torch.zeros((), device=ctx.device)
+    with torch.no_grad():
+        for _ in range(passes):
+            inputs, targets = loader.next_batch()
+            total += model(inputs, targets, blocks)
+    model.train()
+    return distributed.all_reduce_mean(total / passes).item()
+
+
+def main(argv=None) -> int:
+    cfg, preset = parse_args(argv)
+    ctx = distributed.setup(cfg.device)
+    try:
+        return train(cfg, preset, ctx)
+    finally:
+        distributed.teardown()
+
+
+def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
+    accumulation = check_config(cfg, ctx.world_size)
+    chosen = ablation.parse_kernels(cfg.kernels, FAMILIES)
+    run_dir = Path(cfg.run_dir or f"runs/gpt-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    log = runlog.RunLog(run_dir, enabled=ctx.is_main)
+    log.header(dataclasses.asdict(cfg), runlog.environment(), ablation.describe(chosen, FAMILIES))
+    folder, entropy_rate = data_files(cfg)
+
+    # ---- model and optimizers
+    torch.manual_seed(cfg.seed)
+    model_config = GPTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in MODEL_FIELDS})
+    model = GPT(model_config, {f: chosen[f] for f in MODEL_FAMILIES}).to(ctx.device)
+    groups = model.parameter_groups()
+    orthogonalize = baseline.record_newton_schulz if chosen["newton_schulz"] == "torch" else None
+    muon = optim.Muon(groups["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, orthogonalize=orthogonalize)
+    adam = optim.make_adam(optim.adam_groups(groups["head"], groups["embed"], groups["scalar"],
+                                             head_lr=cfg.head_lr, embed_lr=cfg.embed_lr, scalar_lr=cfg.scalar_lr))
+    optimizers = [adam, muon]
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and ctx.device.type == "cuda")
+    step_model = torch.compile(model) if use_compile else model
+    log.line(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {accumulation} accumulation "
+             f"step(s) x {ctx.world_size} process(es) x {cfg.seq_len} tokens; compile={use_compile}")
+
+    # ---- data, and the position to start from
+    train_loader = fineweb.TokenLoader.from_pattern(folder, split="train", global_batch_tokens=ctx.world_size * cfg.seq_len,
+                                                    rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                                                    wrap=cfg.data is None)
+    start_step, training_time_ms = 0, 0.0
+    if cfg.resume:
+        state = checkpoint.load(cfg.resume, map_location=ctx.device)
+        if state["model_config"] != dataclasses.asdict(model_config):
+            raise ValueError(f"--resume {cfg.resume}: its model configuration differs from this run's")
+        model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        train_loader.load_state_dict(state["train_loader"])
+        checkpoint.set_rng_state(state["rng"])
+        start_step, training_time_ms = state["step"], state["training_time_ms"]
+        log.line(f"resumed from {cfg.resume} at step {start_step}")
+
+    def save(step: int) -> None:
+        if ctx.is_main:
+            path = checkpoint.save(run_dir / "checkpoints" / f"step{step:06d}.pt", {
+                "step": step, "training_time_ms": training_time_ms, "config": dataclasses.asdict(cfg),
+                "model_config": dataclasses.asdict(model_config),
+                "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+                "train_loader": train_loader.state_dict(), "rng": checkpoint.rng_state()})
+            log.line(f"checkpoint: {path}")
+
+    trace_start, trace_end = (int(s) for s in cfg.profile_steps.split(":"))
+    profiler = Profiler(run_dir / "profile", enabled=cfg.profile, device=ctx.device,
+                        trace_window=(trace_start, trace_end), rank=ctx.rank)
+    synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    timing_warmup = min(10, cfg.steps // 10)  # first steps compile and warm up: not timed
+
+    # ---- the loop: validate, then train one step, until the last validation
+    synchronize()
+    t0 = time.perf_counter()
+    step_loss = torch.zeros((), device=ctx.device)
+    for step in range(start_step, cfg.steps + 1):
+        last_step = step == cfg.steps
+        blocks = window_blocks(step, cfg.steps, cfg.window_max)
+        if step == timing_warmup and start_step <= timing_warmup:
+            training_time_ms, t0 = 0.0, time.perf_counter()
+        timed_steps = step - timing_warmup
+
+        if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
+            synchronize()
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            val_loss = evaluate(step_model, folder, cfg, ctx, blocks)
+            avg = training_time_ms / max(timed_steps, 1) if timed_steps > 0 else float("nan")
+            floor = f" (corpus entropy rate {entropy_rate:.4f})" if entropy_rate is not None else ""
+            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} train_time:{training_time_ms:.0f}ms "
+                     f"step_avg:{avg:.2f}ms")
+            log.metric({"event": "val", "step": step, "val_loss": val_loss, "entropy_rate": entropy_rate,
+                        "train_time_ms": training_time_ms})
+            synchronize()
+            t0 = time.perf_counter()
+        if last_step:
+            break
+
+        with profiler.step(step):
+            for _ in range(accumulation):
+                with profiler.phase("data"):
+                    inputs, targets = train_loader.next_batch()
+                with profiler.phase("forward"):
+                    loss = step_model(inputs, targets, blocks) / accumulation
+                with profiler.phase("backward"):
+                    loss.backward()
+                step_loss += loss.detach()
+            with profiler.phase("grad_comm"):
+                optim.average_gradients(model.parameters())
+            with profiler.phase("optimizer"):
+                optim.apply_schedule(optimizers, step, cfg.steps, cooldown_frac=cfg.cooldown_frac,
+                                     momentum_warmup=cfg.muon_momentum_warmup,
+                                     momentum_start=cfg.muon_momentum_start, momentum_end=cfg.muon_momentum)
+                for opt in optimizers:
+                    opt.step()
+                model.zero_grad(set_to_none=True)
+
+        approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
+        avg = approx_ms / timed_steps if timed_steps > 0 else float("nan")
+        log.quiet_line(f"step:{step + 1}/{cfg.steps} train_time:{approx_ms:.0f}ms step_avg:{avg:.2f}ms")
+        record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "window_blocks": blocks}
+        if (step + 1) % cfg.log_every == 0:
+            record["train_loss"] = distributed.all_reduce_mean(step_loss).item() / cfg.log_every
+            step_loss.zero_()
+        log.metric(record)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            synchronize()
+            training_time_ms = approx_ms
+            save(step + 1)
+            t0 = time.perf_counter()
+
+    summary = profiler.finish()
+    if summary:
+        log.metric({"event": "profile", "summary": summary})
+        log.line(f"profile: {run_dir / 'profile' / 'summary.md'}")
+    log.line(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if ctx.device.type == "cuda"
+             else "done")
+    log.close()
+    return 0
