@@ -92,8 +92,8 @@ PRESETS = {
     "record": {},
     # A tiny model on the embedded corpus: a CPU trains it in a few minutes and its val loss
     # falls clearly toward the corpus's entropy rate.
-    "smoke": dict(steps=150, batch_tokens=2 * 1024, seq_len=1024, window_max=512, val_every=50,
-                  val_tokens=8 * 1024, val_seq_len=2048, muon_momentum_warmup=50,
+    "smoke": dict(steps=120, batch_tokens=1024, seq_len=1024, window_max=512, val_every=40,
+                  val_tokens=8 * 1024, val_seq_len=2048, muon_momentum_warmup=40,
                   num_layers=4, model_dim=128, num_heads=2, head_dim=64, mlp_dim=512, windows="LSSL",
                   value_embeds=1, log_every=10, profile_steps="3:5"),
 }
