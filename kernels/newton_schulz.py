@@ -260,6 +260,11 @@ def launches(steps: int) -> int:
     return 1 + 3 * steps
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer of the Triton path is allocated here (tests poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _emulate_bf16(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cpu"
 
@@ -281,18 +286,18 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
     bf16 = dtype == torch.bfloat16
     flags = {"BF16": bf16, "EMULATE_BF16": _emulate_bf16(dtype, device)}
 
-    out = torch.empty((batch, m, n), dtype=dtype, device=device)
+    out = _empty((batch, m, n), dtype, device)
     o_strides = out.stride()
     out_strides = (o_strides[0], o_strides[2], o_strides[1]) if tall else o_strides
-    gram = torch.empty((batch, size, size), dtype=dtype, device=device)
-    poly = torch.empty((batch, size, size), dtype=dtype, device=device)
+    gram = _empty((batch, size, size), dtype, device)
+    poly = _empty((batch, size, size), dtype, device)
     steps = len(coefficients) // 3
-    work = [torch.empty((batch, size, width), dtype=dtype, device=device)
+    work = [_empty((batch, size, width), dtype, device)
             for _ in range(min(2, steps - 1))]
 
     n_chunks, rows_per_chunk = norm_chunks(m)
     chunks_p2 = triton.next_power_of_2(n_chunks)
-    partials = torch.empty(batch * n_chunks, dtype=torch.float32, device=device)
+    partials = _empty((batch * n_chunks,), torch.float32, device)
     _sumsq_kernel[(batch * n_chunks,)](
         G3, partials, m, n, *g_strides, rows_per_chunk, n_chunks,
         BLOCK_R=_NORM_BLOCK_ROWS, BLOCK_C=_tile(n, 256), num_warps=4, **flags)
