@@ -14,7 +14,10 @@ room, and a kernel that rounded in the wrong place (a missing fp32 accumulation,
 intermediate, a wrong coefficient) lands at 1e-1 or worse.
 """
 import importlib
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -420,3 +423,56 @@ def test_bad_input_raises_naming_it(G, exc, match, backend):
 def test_bad_options_raise_naming_them(kwargs, exc, match):
     with kernels.use_backend("triton"), pytest.raises(exc, match=match):
         kernels.newton_schulz(stack(4, 6), **kwargs)
+
+
+# ---- bench/bench_newton_schulz.py without a GPU ----------------------------------------------
+
+def test_bench_sets_and_flop_counts():
+    from bench import bench_newton_schulz as bench
+
+    assert bench.gpt_groups() == [(11, 3, 768, 768), (11, 768, 768), (12, 3072, 768), (12, 768, 3072)]
+    assert bench.cifar_groups() == [(1, 64, 216), (1, 64, 576), (1, 256, 576), (3, 256, 2304)]
+    assert len(bench.matrices_of(bench.gpt_groups())) == 33 + 11 + 12 + 12
+    # One 768 x 3072 matrix (tall or wide), one step: 4 M^2 N + 2 M^3 dense.
+    m, n = 768, 3072
+    assert bench.flops([(3072, 768)], 1, symmetric=False) == 4 * m * m * n + 2 * m ** 3 == 8_153_726_976
+    assert bench.flops([(1, 768, 3072)], 1, symmetric=True) == m * (m + 1) * n + m * m * (m + 1) + 2 * m * m * n
+    # The GPT set, NS5: 1.58 dense TFLOP; the symmetric work is about 72 % of it.
+    dense = bench.flops(bench.gpt_groups(), 5, symmetric=False)
+    assert dense == 5 * (44 * 6 * 768 ** 3 + 24 * 8_153_726_976)
+    assert 0.70 < bench.flops(bench.gpt_groups(), 5, symmetric=True) / dense < 0.74
+
+
+def test_bench_run_set_checks_times_and_records(tmp_path, monkeypatch, small_tiles):
+    from bench import bench_newton_schulz as bench
+    from bench import harness
+
+    # A tiny stand-in for the CIFAR set; ours runs in the interpreter.
+    monkeypatch.setitem(bench.SETS, "cifar", {"groups": lambda: [(2, 20, 36), (1, 40, 24)], "steps": 3,
+                                              "input_dtype": torch.float16})
+    monkeypatch.setattr(bench, "count_launches", lambda fn: 7)
+    impls = ["torch-eager", "ours-triton", "record-loop"]
+    metadata = harness.collect_metadata("Fake GPU", harness.QUICK_TIMING)
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0, ms=1.0, detail="made up")}
+    run = harness.BenchRun(bench.OP, title="t", out_root=tmp_path, metadata=metadata, ceilings=ceilings)
+    timings = iter([2.0, 1.0, 4.0])  # ms, made up, in the order of impls
+    bench.run_set(run, "cifar", impls, timer=lambda fn: (fn(), next(timings))[1], device="cpu")
+    by_impl = {entry.impl: entry for entry in run.entries}
+    assert list(by_impl) == impls
+    for entry in run.entries:
+        assert entry.error is None and entry.checks["ok"], entry
+        assert entry.work == {"flops": bench.flops([(2, 20, 36), (1, 40, 24)], 3, symmetric=False)}
+        assert entry.extra["launches"] == 7
+        assert "speedup_vs_torch_compile" not in entry.extra  # torch-compile was not run
+    assert by_impl["ours-triton"].extra["tflops_symmetric_work"] >= 0
+    assert by_impl["ours-triton"].ms == 1.0
+
+
+def test_bench_without_gpu_exits_0():
+    from bench import harness
+
+    done = subprocess.run([sys.executable, "-m", "bench.bench_newton_schulz", "--quick"], cwd=harness.REPO_ROOT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert harness.NO_GPU_MESSAGE in done.stdout
