@@ -123,7 +123,7 @@ def _sumsq_kernel(g_ptr, partials_ptr, rows, cols, stride_gb, stride_gm, stride_
 
 @triton.jit
 def _syrk_kernel(y_ptr, c_ptr, d_ptr, partials_ptr,
-                 size, depth, tiles_per_side, tiles_per_matrix,
+                 size, depth, tiles_per_matrix,
                  stride_yb, stride_ym, stride_yk,
                  alpha, beta, eps, n_chunks,
                  HAS_D: tl.constexpr, SCALE_BY_NORM: tl.constexpr, CHUNKS: tl.constexpr,
@@ -296,7 +296,7 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
             for _ in range(min(2, steps - 1))]
 
     n_chunks, rows_per_chunk = norm_chunks(m)
-    chunks_p2 = triton.next_power_of_2(n_chunks)
+    chunks_p2 = max(16, triton.next_power_of_2(n_chunks))  # one vector load; small vectors padded
     partials = _empty((batch * n_chunks,), torch.float32, device)
     _sumsq_kernel[(batch * n_chunks,)](
         G3, partials, m, n, *g_strides, rows_per_chunk, n_chunks,
@@ -318,10 +318,10 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
         first = step == 0
         norm_args = dict(SCALE_BY_NORM=first, CHUNKS=chunks_p2)
         _syrk_kernel[(batch * gram_tiles,)](
-            source, gram, gram, partials, size, width, side, gram_tiles, *source_strides,
+            source, gram, gram, partials, size, width, gram_tiles, *source_strides,
             1.0, 0.0, eps, n_chunks, HAS_D=False, **norm_args, **flags, **gram_cfg)
         _syrk_kernel[(batch * poly_tiles,)](
-            gram, poly, gram, partials, size, size, side_p, poly_tiles, size * size, size, 1,
+            gram, poly, gram, partials, size, size, poly_tiles, size * size, size, 1,
             c, b, eps, n_chunks, HAS_D=True, SCALE_BY_NORM=False, CHUNKS=chunks_p2, **flags, **poly_cfg)
         if step == steps - 1:
             target, target_strides = out, out_strides
