@@ -436,6 +436,11 @@ DELTA_BLOCK_M = 64
 LOG2_E = 1.4426950408889634
 
 
+def _new_output(shape, dtype, device):
+    """Allocation of every kernel output (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _kernel_window(window: int, length: int) -> int:
     """window 0 means unlimited; i - j < T always holds, so min(window, T) is exact and fits int32."""
     return length if window <= 0 else min(window, length)
@@ -452,8 +457,8 @@ def _forward(q, k, v, doc_ids, window, scale, config=None):
     """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 in base-2 units of scale*log2(e)*q.k)."""
     batch, length, heads, head_dim = q.shape
     cfg = dict(config or CONFIGS[head_dim]["fwd"])
-    out = torch.empty((batch, length, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    out = _new_output((batch, length, heads, head_dim), q.dtype, q.device)
+    lse = _new_output((batch, heads, length), torch.float32, q.device)
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
     grid = (triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)
     _sliding_window_attn_fwd[grid](
@@ -471,13 +476,11 @@ def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None):
     kernel_window = _kernel_window(window, length)
     if grad_out.stride(3) != 1:
         grad_out = grad_out.contiguous()
-    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    delta = _new_output((batch, heads, length), torch.float32, q.device)
     _sliding_window_attn_bwd_delta[(triton.cdiv(length, DELTA_BLOCK_M), heads, batch)](
         out, grad_out, delta, length, *out.stride()[:3], *grad_out.stride()[:3],
         HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
-    dq = torch.empty((batch, length, heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    dq, dk, dv = (_new_output((batch, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
     common = (length, kernel_window, scale, scale * LOG2_E,
               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], doc_stride)
     cfg = configs["dkdv"]
