@@ -499,3 +499,57 @@ def test_gpu_cuda_graph_capture_and_compile():
         static_out = kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
     graph.replay()
     assert rel_err(static_out, expected) < TOL[torch.bfloat16]
+
+
+# ---- bench/bench_sliding_window_attention.py without a GPU ------------------------------------
+
+def test_bench_documents_and_work_counts():
+    from bench import bench_sliding_window_attention as bench
+
+    lengths = bench.document_lengths(49152)
+    assert sum(lengths) == 49152 and lengths == bench.document_lengths(49152)  # deterministic
+    assert all(length >= 1 for length in lengths) and 20 < len(lengths) < 200
+    small = bench.document_lengths(300, seed=3)
+    doc_ids = bench.doc_ids_from_lengths(small)
+    for window in (None, 1, 37, 1792):
+        expected = int(reference.attention_mask(300, window=window, doc_ids=doc_ids).sum())
+        assert bench.visible_pairs(small, window) == expected
+    assert bench.flops(1000, "fwd") == 4 * 128 * 6 * 1000
+    assert bench.flops(1000, "fwd+bwd") == 14 * 128 * 6 * 1000
+    with pytest.raises(ValueError):
+        bench.flops(1000, "bwd")
+
+
+def test_bench_case_records_every_implementation_on_cpu(tmp_path, monkeypatch):
+    from bench import bench_sliding_window_attention as bench
+    from bench import harness
+
+    monkeypatch.setattr(bench, "HEADS", 1)
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0, detail="made up")}
+    run = harness.BenchRun("swa_test", title="t", out_root=tmp_path, ceilings=ceilings,
+                           metadata=harness.collect_metadata("Fake GPU", harness.QUICK_TIMING))
+    timed = []
+
+    def fake_timer(step):
+        step()
+        timed.append(step)
+        return 2.0
+
+    bench.run_case(run, t=256, window=128, modes=bench.MODES, impls=["sdpa-causal", "unknown"],
+                   timer=fake_timer, device="cpu")
+    results = run.to_dict()["results"]
+    assert [(r["case"], r["impl"]) for r in results] == [
+        (f"{mode} T=256 w=128", impl) for mode in bench.MODES for impl in ("sdpa-causal", "unknown")]
+    assert len(timed) == 2
+    sdpa = results[0]
+    assert sdpa["work"] == {"flops": bench.flops(256 * 257 // 2, "fwd+bwd", heads=1)}
+    assert sdpa["value"] == pytest.approx(sdpa["work"]["flops"] / 2e-3 / 1e12)
+    assert "unknown implementation" in results[1]["error"]
+
+
+def test_bench_without_gpu_exits_0():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "bench.bench_sliding_window_attention", "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA GPU found" in done.stdout
