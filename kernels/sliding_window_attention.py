@@ -3,23 +3,556 @@
 Public op (contract below and in DESIGN.md §2.5; the spec is
 `kernels.reference.sliding_window_attention`): `sliding_window_attention`.
 
-Backends: only the reference exists yet, so every device and every backend setting runs
-`kernels.reference` (dense: O(T^2) memory); the fast kernels will be added to the
-dispatch table below.
+Backends:
+  triton     the block-sparse flash-attention kernels in this file (forward, and a
+             backward of three kernels: delta = rowsum(dO * O), dK/dV, dQ).  On CUDA
+             tensors `auto` picks it; on CPU tensors it runs in Triton's interpreter
+             when TRITON_INTERPRET=1 and the backend is set to "triton" explicitly.
+  reference  plain PyTorch, dense O(T^2) memory: CPU tensors under `auto`.
+
+How the kernels skip work.  Query i sees keys j in [lo(i), i] with
+lo(i) = max(i - window + 1, start of i's document) (documents are runs of equal
+doc_ids).  For a block of queries [m0, m_last] the visible keys lie in
+[lo(m0), m_last], because lo never decreases with i; only the key blocks meeting that
+range are loaded.  Inside it, a key block is *full* (every pair visible, no mask
+evaluated) when it ends at or before m0 (causal), starts at or after m_last - window + 1
+(window) and the query block and the keys all belong to one document; only the other,
+*partial* blocks evaluate the exact per-element mask (causal, window, equal doc ids).
+The ranges come from `_key_blocks` / `_query_blocks` below, computed on the device per
+program from doc_ids and window: no host synchronization, no dense mask, nothing
+precomputed.  Document starts are found by scanning doc_ids backwards from m0 in
+vector chunks, never further than the window (the scan costs a few loads of doc_ids).
+The backward uses the same two functions: dQ walks the key blocks of its query block
+exactly like the forward; dK/dV walks the query blocks that can see its key block.
+
+The forward keeps the online softmax in fp32 and saves the log-sum-exp (in base-2 units
+of scale * log2(e) * q.k) for the backward, which recomputes the probabilities.
+`window` is a run-time kernel argument excluded from specialization, so changing it
+never recompiles a kernel.
+
+Documents must be contiguous (an id does not reappear after a different one, as with
+doc_ids = cumsum of document starts): the kernels find a document's start as the start
+of its run of equal ids.  Within the blocks they visit they compare ids exactly.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import triton
+import triton.language as tl
 
 from kernels import _backend, _checks, reference
 
 OP = "sliding_window_attention"
-_backend.register_op(OP, ())
-
-_ATTENTION = {"reference": reference.sliding_window_attention}
+_backend.register_op(OP, ("triton",))
 
 HEAD_DIMS = (64, 128)
 
+# Doc ids scanned per step when looking for a document's start or end.
+SCAN_CHUNK = 1024
+
+
+# ---- mask and block ranges: written once, shared by forward and backward ---------------
+
+@triton.jit
+def _visible(q_pos, k_pos, q_doc, k_doc, window, HAS_DOCS: tl.constexpr):
+    """Exact mask on broadcastable position / doc-id tensors: may query q_pos see key k_pos?"""
+    ok = (k_pos <= q_pos) & (q_pos - k_pos < window)
+    if HAS_DOCS:
+        ok = ok & (q_doc == k_doc)
+    return ok
+
+
+@triton.jit
+def _run_start(doc_row, pos, limit, CHUNK: tl.constexpr):
+    """Smallest s in [limit, pos] such that doc[s..pos] all equal doc[pos] (limit <= pos)."""
+    doc = tl.load(doc_row + pos)
+    start = limit
+    end = pos  # doc ids at [end - CHUNK, end) are looked at next
+    while end > start:
+        offs = end - CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(doc_row + offs, mask=offs >= start, other=doc)
+        last_other = tl.max(tl.where(ids != doc, offs, -1), axis=0)
+        start = tl.maximum(start, last_other + 1)  # > end - CHUNK once another id is found
+        end -= CHUNK
+    return start
+
+
+@triton.jit
+def _run_end(doc_row, pos, limit, CHUNK: tl.constexpr):
+    """Largest e in [pos, limit] such that doc[pos..e] all equal doc[pos] (limit <= T - 1)."""
+    doc = tl.load(doc_row + pos)
+    end = limit
+    begin = pos + 1  # doc ids at [begin, begin + CHUNK) are looked at next
+    while begin <= end:
+        offs = begin + tl.arange(0, CHUNK)
+        ids = tl.load(doc_row + offs, mask=offs <= end, other=doc)
+        first_other = tl.min(tl.where(ids != doc, offs, end + 1), axis=0)
+        end = tl.minimum(end, first_other - 1)
+        begin += CHUNK
+    return end
+
+
+@triton.jit
+def _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """Key blocks for the query rows [m0, m_last]: (first, first full, end of full, end).
+
+    Blocks [first, first_full) and [end_full, end) are partial (masked), blocks
+    [first_full, end_full) are full (every pair visible).  q_docs: the rows' doc ids
+    (rows past T repeat doc[T - 1]).
+    """
+    lo = tl.maximum(m0 - window + 1, 0)
+    if HAS_DOCS:
+        lo = _run_start(doc_row, m0, lo, CHUNK)
+    first = lo // BLOCK_N
+    end = m_last // BLOCK_N + 1
+    # Full keys: j <= m0 (causal for every row), j >= m_last - window + 1 (window for every
+    # row) and j >= lo (the document of m0, which is every row's when single_doc).
+    full_first = tl.cdiv(tl.maximum(m_last - window + 1, lo), BLOCK_N)
+    full_end = (m0 + 1) // BLOCK_N
+    no_full = full_end <= full_first
+    if HAS_DOCS:  # rows (keys) of more than one document: every block needs the doc mask
+        no_full = no_full | (tl.min(q_docs, axis=0) != tl.max(q_docs, axis=0))
+    full_first = tl.where(no_full, end, full_first)
+    full_end = tl.where(no_full, end, full_end)
+    return first, full_first, full_end, end
+
+
+@triton.jit
+def _query_blocks(doc_row, k_docs, n0, n_last, T, window, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Query blocks that see the key rows [n0, n_last]: (first, first full, end of full, end).
+
+    The mirror of _key_blocks: queries i >= n0, i <= n_last + window - 1, in the document
+    of n_last; full ones also have i >= n_last, i <= n0 + window - 1 and one document
+    for all keys.  k_docs: the keys' doc ids (keys past T repeat doc[T - 1]).
+    """
+    hi = tl.minimum(n_last + window - 1, T - 1)
+    if HAS_DOCS:
+        hi = _run_end(doc_row, n_last, hi, CHUNK)
+    first = n0 // BLOCK_M
+    end = hi // BLOCK_M + 1
+    full_first = tl.cdiv(n_last, BLOCK_M)
+    full_end = (tl.minimum(n0 + window - 1, hi) + 1) // BLOCK_M
+    no_full = full_end <= full_first
+    if HAS_DOCS:  # rows (keys) of more than one document: every block needs the doc mask
+        no_full = no_full | (tl.min(k_docs, axis=0) != tl.max(k_docs, axis=0))
+    full_first = tl.where(no_full, end, full_first)
+    full_end = tl.where(no_full, end, full_end)
+    return first, full_first, full_end, end
+
+
+@triton.jit
+def _doc_ids_of(doc_row, pos, T, HAS_DOCS: tl.constexpr):
+    """Doc ids at positions pos (clamped to T - 1, so padding rows repeat the last id)."""
+    if HAS_DOCS:
+        return tl.load(doc_row + tl.minimum(pos, T - 1))
+    else:
+        return pos
+
+
+# ---- forward ---------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+                T, window, scale_log2, block_start, block_end,
+                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key blocks [block_start, block_end); MASKED evaluates the exact mask."""
+    dims = tl.arange(0, HEAD_DIM)
+    offs = tl.arange(0, BLOCK_N)
+    for block in range(block_start, block_end):
+        n0 = block * BLOCK_N
+        k_ptrs = k_head + n0.to(tl.int64) * stride_kt + offs[:, None] * stride_kt + dims[None, :]
+        v_ptrs = v_head + n0.to(tl.int64) * stride_vt + offs[:, None] * stride_vt + dims[None, :]
+        k_pos = n0 + offs
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_pos[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=k_pos[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k))
+        if MASKED:
+            k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
+            s = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
+                                  HAS_DOCS), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
+        if MASKED:  # a row may have seen nothing yet: shift by 0, not -inf (no NaN)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * scale_log2 - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["window"])
+def _sliding_window_attn_fwd(
+    q_ptr, k_ptr, v_ptr, doc_ptr, o_ptr, lse_ptr,
+    T, window, scale_log2,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_docb,
+    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    """One program per (query block, head, batch): out rows [m0, m0 + BLOCK_M) and their lse."""
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
+    m_last = tl.minimum(m0 + BLOCK_M, T) - 1
+    rows = tl.arange(0, BLOCK_M)
+    q_pos = m0 + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q_ptrs = (q_ptr + batch * stride_qb + head * stride_qh + m0.to(tl.int64) * stride_qt
+              + rows[:, None] * stride_qt + dims[None, :])
+    q = tl.load(q_ptrs, mask=q_pos[:, None] < T, other=0.0)
+    doc_row = doc_ptr + batch * stride_docb
+    q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
+    first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN)
+
+    k_head = k_ptr + batch * stride_kb + head * stride_kh
+    v_head = v_ptr + batch * stride_vb + head * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+                                T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+                                T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+                                T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+
+    in_range = q_pos < T
+    l_i = tl.where(in_range, l_i, 1.0)  # rows past T saw nothing; they are not stored
+    out = acc / l_i[:, None]
+    o_ptrs = (o_ptr + batch * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_ot
+              + rows[:, None] * stride_ot + dims[None, :])
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=in_range[:, None])
+    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
+    tl.store(lse_row + q_pos, m_i + tl.log2(l_i), mask=in_range)
+
+
+# ---- backward --------------------------------------------------------------------------
+
+@triton.jit
+def _sliding_window_attn_bwd_delta(
+    o_ptr, do_ptr, delta_ptr, T,
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d out[b, i, h, d] * dout[b, i, h, d] in fp32."""
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    in_range = q_pos[:, None] < T
+    o = tl.load(o_ptr + batch * stride_ob + head * stride_oh + q_pos[:, None].to(tl.int64) * stride_ot
+                + dims[None, :], mask=in_range, other=0.0)
+    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + q_pos[:, None].to(tl.int64) * stride_dot
+                 + dims[None, :], mask=in_range, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + (batch * tl.num_programs(1) + head) * T + q_pos, delta, mask=q_pos < T)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+                 doc_row, T, window, scale_log2, block_start, block_end,
+                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dK, dV (transposed layout: key rows) over query blocks [block_start, block_end)."""
+    dims = tl.arange(0, HEAD_DIM)
+    offs = tl.arange(0, BLOCK_M)
+    for block in range(block_start, block_end):
+        m0 = block * BLOCK_M
+        q_pos = m0 + offs
+        q_ptrs = q_head + m0.to(tl.int64) * stride_qt + offs[:, None] * stride_qt + dims[None, :]
+        do_ptrs = do_head + m0.to(tl.int64) * stride_dot + offs[:, None] * stride_dot + dims[None, :]
+        if MASKED:  # rows past T: q = do = 0, lse = +inf -> p = 0, ds = 0
+            q = tl.load(q_ptrs, mask=q_pos[:, None] < T, other=0.0)
+            do = tl.load(do_ptrs, mask=q_pos[:, None] < T, other=0.0)
+            lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
+            delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_row + q_pos)
+            delta = tl.load(delta_row + q_pos)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
+            p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], q_docs[None, :], k_docs[:, None], window,
+                                    HAS_DOCS), p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["window"])
+def _sliding_window_attn_bwd_dkdv(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, dk_ptr, dv_ptr,
+    T, window, scale, scale_log2,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
+    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    """One program per (key block, head, batch): dK, dV of keys [n0, n0 + BLOCK_N).
+
+    dk, dv are contiguous [B, T, H, D]; each program owns its rows, so no atomics.
+    """
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    n0 = tl.program_id(0) * BLOCK_N
+    n_last = tl.minimum(n0 + BLOCK_N, T) - 1
+    offs = tl.arange(0, BLOCK_N)
+    k_pos = n0 + offs
+    dims = tl.arange(0, HEAD_DIM)
+    in_range = k_pos[:, None] < T
+    k = tl.load(k_ptr + batch * stride_kb + head * stride_kh + n0.to(tl.int64) * stride_kt
+                + offs[:, None] * stride_kt + dims[None, :], mask=in_range, other=0.0)
+    v = tl.load(v_ptr + batch * stride_vb + head * stride_vh + n0.to(tl.int64) * stride_vt
+                + offs[:, None] * stride_vt + dims[None, :], mask=in_range, other=0.0)
+    doc_row = doc_ptr + batch * stride_docb
+    k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
+    first, full_first, full_end, end = _query_blocks(doc_row, k_docs, n0, n_last, T, window, HAS_DOCS,
+                                                     BLOCK_M, SCAN)
+
+    q_head = q_ptr + batch * stride_qb + head * stride_qh
+    do_head = do_ptr + batch * stride_dob + head * stride_doh
+    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
+    delta_row = delta_ptr + (batch * tl.num_programs(1) + head) * T
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+                          doc_row, T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_M)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+                          doc_row, T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_M)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+                          doc_row, T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_M)
+
+    # dk, dv are contiguous [B, T, H, D] with q's B, T, H.
+    n_heads = tl.num_programs(1)
+    out_offsets = ((batch * T + n0) * n_heads + head) * HEAD_DIM + (offs[:, None] * n_heads * HEAD_DIM
+                                                                    + dims[None, :])
+    tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=in_range)
+    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+               T, window, scale_log2, block_start, block_end,
+               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dQ over key blocks [block_start, block_end)."""
+    dims = tl.arange(0, HEAD_DIM)
+    offs = tl.arange(0, BLOCK_N)
+    for block in range(block_start, block_end):
+        n0 = block * BLOCK_N
+        k_pos = n0 + offs
+        k_ptrs = k_head + n0.to(tl.int64) * stride_kt + offs[:, None] * stride_kt + dims[None, :]
+        v_ptrs = v_head + n0.to(tl.int64) * stride_vt + offs[:, None] * stride_vt + dims[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_pos[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=k_pos[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+        if MASKED:
+            k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
+            p = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
+                                  HAS_DOCS), p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit(do_not_specialize=["window"])
+def _sliding_window_attn_bwd_dq(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, dq_ptr,
+    T, window, scale, scale_log2,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
+    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics."""
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
+    m_last = tl.minimum(m0 + BLOCK_M, T) - 1
+    rows = tl.arange(0, BLOCK_M)
+    q_pos = m0 + rows
+    dims = tl.arange(0, HEAD_DIM)
+    in_range = q_pos[:, None] < T
+    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + m0.to(tl.int64) * stride_qt
+                + rows[:, None] * stride_qt + dims[None, :], mask=in_range, other=0.0)
+    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + m0.to(tl.int64) * stride_dot
+                 + rows[:, None] * stride_dot + dims[None, :], mask=in_range, other=0.0)
+    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
+    delta_row = delta_ptr + (batch * tl.num_programs(1) + head) * T
+    lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
+    delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
+    doc_row = doc_ptr + batch * stride_docb
+    q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
+    first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN)
+
+    k_head = k_ptr + batch * stride_kb + head * stride_kh
+    v_head = v_ptr + batch * stride_vb + head * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+                    T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+                    T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+                    T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+
+    n_heads = tl.num_programs(1)
+    out_offsets = ((batch * T + m0) * n_heads + head) * HEAD_DIM + (rows[:, None] * n_heads * HEAD_DIM
+                                                                    + dims[None, :])
+    tl.store(dq_ptr + out_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=in_range)
+
+
+# ---- launchers -------------------------------------------------------------------------
+
+# Block sizes and warps per kernel and head dim: 128-row wgmma tiles over two warpgroups,
+# chosen so that the sm_90 builds of all three kernels fit in 255 registers without
+# spilling (checked ahead of time with cuobjdump -res-usage; at D = 128, BLOCK_N = 128 in
+# the forward spilled).  NOT timed on a GPU yet: see bench/NOTES.md.  Tests pass smaller
+# blocks to exercise many blocks at small T.
+CONFIGS = {
+    64: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+         "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
+    128: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+          "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+          "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
+}
+DELTA_BLOCK_M = 64
+LOG2_E = 1.4426950408889634
+
+
+def _new_output(shape, dtype, device):
+    """Allocation of every kernel output (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _kernel_window(window: int, length: int) -> int:
+    """window 0 means unlimited; i - j < T always holds, so min(window, T) is exact and fits int32."""
+    return length if window <= 0 else min(window, length)
+
+
+def _doc_args(doc_ids: Optional[torch.Tensor], device):
+    if doc_ids is None:
+        return torch.zeros(1, dtype=torch.int32, device=device), 0, False
+    doc_ids = doc_ids.contiguous()
+    return doc_ids, doc_ids.stride(0), True
+
+
+def _forward(q, k, v, doc_ids, window, scale, config=None):
+    """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 in base-2 units of scale*log2(e)*q.k)."""
+    batch, length, heads, head_dim = q.shape
+    cfg = dict(config or CONFIGS[head_dim]["fwd"])
+    out = _new_output((batch, length, heads, head_dim), q.dtype, q.device)
+    lse = _new_output((batch, heads, length), torch.float32, q.device)
+    docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
+    grid = (triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)
+    _sliding_window_attn_fwd[grid](
+        q, k, v, docs, out, lse, length, _kernel_window(window, length), scale * LOG2_E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], doc_stride,
+        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, **cfg)
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None):
+    """(dq, dk, dv), contiguous [B, T, H, D] in q's dtype."""
+    batch, length, heads, head_dim = q.shape
+    configs = config or CONFIGS[head_dim]
+    docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
+    kernel_window = _kernel_window(window, length)
+    if grad_out.stride(3) != 1:
+        grad_out = grad_out.contiguous()
+    delta = _new_output((batch, heads, length), torch.float32, q.device)
+    _sliding_window_attn_bwd_delta[(triton.cdiv(length, DELTA_BLOCK_M), heads, batch)](
+        out, grad_out, delta, length, *out.stride()[:3], *grad_out.stride()[:3],
+        HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+    dq, dk, dv = (_new_output((batch, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
+    common = (length, kernel_window, scale, scale * LOG2_E,
+              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], doc_stride)
+    cfg = configs["dkdv"]
+    _sliding_window_attn_bwd_dkdv[(triton.cdiv(length, cfg["BLOCK_N"]), heads, batch)](
+        q, k, v, grad_out, lse, delta, docs, dk, dv, *common,
+        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, **cfg)
+    cfg = configs["dq"]
+    _sliding_window_attn_bwd_dq[(triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)](
+        q, k, v, grad_out, lse, delta, docs, dq, *common,
+        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, **cfg)
+    return dq, dk, dv
+
+
+# ---- custom ops --------------------------------------------------------------------------
+# window travels as an int with 0 meaning unlimited (custom-op schemas want plain ints).
+
+@torch.library.custom_op("kernels::sliding_window_attention_fwd", mutates_args=())
+def _swa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                 window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out [B, T, H, D] in q's dtype, lse [B, H, T] fp32 (base-2 units) for backward."""
+    return _forward(q, k, v, doc_ids, window, scale)
+
+
+@_swa_forward.register_fake
+def _swa_forward_fake(q, k, v, doc_ids, window, scale):
+    batch, length, heads, head_dim = q.shape
+    return (q.new_empty((batch, length, heads, head_dim)),
+            q.new_empty((batch, heads, length), dtype=torch.float32))
+
+
+@torch.library.custom_op("kernels::sliding_window_attention_bwd", mutates_args=())
+def _swa_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, doc_ids: Optional[torch.Tensor], window: int, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for the upstream gradient grad_out of out."""
+    return _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale)
+
+
+@_swa_backward.register_fake
+def _swa_backward_fake(grad_out, q, k, v, out, lse, doc_ids, window, scale):
+    batch, length, heads, head_dim = q.shape
+    return tuple(q.new_empty((batch, length, heads, head_dim)) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, doc_ids, window, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+    ctx.window, ctx.scale = window, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, doc_ids = ctx.saved_tensors
+    dq, dk, dv = _swa_backward(grad_out, q, k, v, out, lse, doc_ids, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_swa_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _attention_triton(q, k, v, *, window, doc_ids, scale):
+    head_dim = q.shape[3]
+    out, _ = _swa_forward(q, k, v, doc_ids, 0 if window is None else int(window),
+                          float(head_dim ** -0.5 if scale is None else scale))
+    return out
+
+
+_ATTENTION = {"reference": reference.sliding_window_attention, "triton": _attention_triton}
+
+
+# ---- public op -----------------------------------------------------------------------------
 
 def _validate(q, k, v, window, doc_ids, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -56,11 +589,13 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Args:
         q, k, v: [B, T, H, D] bfloat16 or float16, one dtype, shape and device;
-            D in (64, 128); unit stride along D (slices of a fused QKV tensor are fine).
+            D in (64, 128); unit stride along D (slices of a fused QKV tensor are fine:
+            the Triton kernels read them in place, without copies).
         window: None (unlimited) or an int >= 1: query i attends key j only if i - j < window
             (window=1: each query sees only itself).
         doc_ids: None (one document per sequence) or [B, T] int32: query i attends key j
-            only if doc_ids[b, j] == doc_ids[b, i].
+            only if doc_ids[b, j] == doc_ids[b, i].  Documents are contiguous runs of
+            equal ids (e.g. the cumsum of document starts); the Triton kernels rely on it.
         scale: None (D**-0.5) or a number > 0 multiplying q k^T.
 
     Returns:
@@ -68,9 +603,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         applied to v, computed in fp32.  Every query attends at least itself, so no row is
         fully masked.  Gradients for q, k and v.
 
-    Backends: reference only for now (on every device and backend setting); the fast
-    kernels will skip fully masked KV blocks so the work grows with T*window.  No host
-    synchronization; traces under torch.compile(fullgraph=True).
+    Backends: "triton" (block-sparse flash attention: fully masked key blocks are never
+    loaded, so the work grows with T*window; `auto` on CUDA tensors), "reference" (dense,
+    `auto` on CPU tensors).  The window is a run-time value: changing it recompiles no
+    kernel.  No host synchronization; traces under torch.compile(fullgraph=True).
     """
     _validate(q, k, v, window, doc_ids, scale)
     implementation = _ATTENTION[_backend.choose(OP, q.device)]

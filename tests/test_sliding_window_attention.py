@@ -1,32 +1,253 @@
-"""sliding_window_attention: the public op against the reference on the CPU, every error
-path, compile tracing and backend routing.
+"""sliding_window_attention: the Triton kernels (interpreter on CPU, fp16) against the float64
+reference, their block ranges against a brute-force mask, the custom-op plumbing (autograd,
+fake impl, compile), the backend routing, every error path, the ahead-of-time sm_90 build,
+and (GPU only) bf16 against FlexAttention with the same exact mask.
 
-No fast kernel exists yet, so on the CPU the public op must be the reference exactly
-(bitwise) under every backend setting.  The reference itself is checked in
-tests/test_reference.py.
+Tolerances, against the float64 reference, for fp16 inputs: the kernels keep scores,
+softmax statistics and accumulators in fp32 but round P (forward, dV) and dS (dQ, dK) to
+fp16 before their matmuls, and round the results to fp16: each a relative error of up to
+2**-11 ~ 4.9e-4 per element, which averages out to ~3e-4 in norm (measured); 2e-3 leaves a
+4x margin.  Gradients of q and k can cancel to ~0 (window=1, T=1), so their error is
+measured relative to the size of the reference dV, a gradient of the same scale that
+does not cancel.  bf16 on a GPU: 2**-8 per element -> 2e-2.
 """
+import importlib
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kernels
 from kernels import reference
-from tests.helpers import BACKENDS, assert_identical, forward_backward
+from tests.helpers import assert_identical, forward_backward, rel_err
+from tests.hopper_aot import ROOT, compile_for_hopper
+
+swa = importlib.import_module("kernels.sliding_window_attention")
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# Small blocks so that a short sequence spans many blocks: full, partial and skipped ones.
+SMALL = {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
+         "dq": dict(BLOCK_M=16, BLOCK_N=32)}
 
 
-def qkv(b=2, t=37, h=2, d=64, dtype=torch.bfloat16, seed=0):
+def qkv(b=2, t=37, h=2, d=64, dtype=torch.bfloat16, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, t, h, d, generator=gen).to(dtype) for _ in range(3)]
+    return [torch.randn(b, t, h, d, generator=gen).to(dtype).to(device) for _ in range(3)]
 
 
-def documents(b=2, t=37, seed=1):
-    starts = torch.rand(b, t, generator=torch.Generator().manual_seed(seed)) < 0.15
-    return torch.cumsum(starts.int(), dim=1).int()
+def documents(b=2, t=37, seed=1, p_start=0.15, device="cpu"):
+    starts = torch.rand(b, t, generator=torch.Generator().manual_seed(seed)) < p_start
+    return torch.cumsum(starts.int(), dim=1).int().to(device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def documents_of_lengths(lengths, t):
+    """[1, t] doc ids: documents of the given lengths, cycled until t tokens are covered."""
+    ids, doc = [], 0
+    while len(ids) < t:
+        ids += [doc] * lengths[doc % len(lengths)]
+        doc += 1
+    return torch.tensor(ids[:t], dtype=torch.int32)[None]
+
+
+def run_triton(q, k, v, upstream, *, window, doc_ids, scale, config=None):
+    """(out, dq, dk, dv) from the Triton launchers directly (config: block sizes)."""
+    d = q.shape[3]
+    scale = d ** -0.5 if scale is None else scale
+    out, lse = swa._forward(q, k, v, doc_ids, window or 0, scale, config and config["fwd"])
+    dq, dk, dv = swa._backward(upstream, q, k, v, out, lse, doc_ids, window or 0, scale, config)
+    return out, dq, dk, dv
+
+
+def oracle(q, k, v, upstream, **kwargs):
+    return forward_backward(reference.sliding_window_attention, [x.double() for x in (q, k, v)],
+                            upstream.double(), **kwargs)
+
+
+def assert_close_to_reference(result, expected, dtype):
+    out, dq, dk, dv = result
+    out64, dq64, dk64, dv64 = expected
+    for t in result:
+        assert torch.isfinite(t).all(), "an element was not written (or overflowed)"
+    assert rel_err(out, out64) < TOL[dtype]
+    assert rel_err(dv, dv64) < TOL[dtype]
+    grad_scale = dv64.norm().item()
+    assert rel_err(dq, dq64, floor=grad_scale) < TOL[dtype]
+    assert rel_err(dk, dk64, floor=grad_scale) < TOL[dtype]
+
+
+# ---- the Triton kernels against the reference (interpreter, fp16) ----------------------
+
+CASES = {
+    # name: (B, T, H, D, window, doc_ids builder or None, scale)
+    "T=1": (1, 1, 1, 64, None, None, None),
+    "window=1": (2, 37, 2, 64, 1, lambda b, t: documents(b, t), None),
+    "window>=T": (1, 77, 2, 128, 500, lambda b, t: documents(b, t, p_start=0.05), 0.12),
+    "no window, no docs": (1, 99, 1, 64, None, None, None),
+    "many short documents": (1, 150, 1, 64, 40, lambda b, t: documents_of_lengths([1, 3, 2, 5, 1, 4], t), None),
+    "documents longer than the window": (1, 260, 1, 64, 24, lambda b, t: documents_of_lengths([100, 61, 90], t),
+                                         None),
+    "B>1, own documents per row": (3, 70, 2, 64, 20, lambda b, t: documents(b, t, seed=5, p_start=0.08), None),
+    "window not a block multiple, D=128": (1, 131, 1, 128, 45, lambda b, t: documents_of_lengths([70, 33], t),
+                                           0.2),
+}
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(case, blocks, interpreter_device):
+    b, t, h, d, window, make_docs, scale = CASES[case]
+    q, k, v = qkv(b, t, h, d, torch.float16, seed=len(case), device=interpreter_device)
+    upstream = torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(3)).half().to(interpreter_device)
+    doc_ids = make_docs(b, t).to(interpreter_device) if make_docs else None
+    kwargs = dict(window=window, doc_ids=doc_ids, scale=scale)
+    result = run_triton(q, k, v, upstream, config=SMALL if blocks == "small" else None, **kwargs)
+    assert_close_to_reference(result, oracle(q, k, v, upstream, **kwargs), torch.float16)
+
+
+def test_document_scan_over_many_chunks(monkeypatch, interpreter_device):
+    # With 16-id scan chunks, finding a document's start or end takes several steps.
+    monkeypatch.setattr(swa, "SCAN_CHUNK", 16)
+    b, t, h, d = 1, 140, 1, 64
+    q, k, v = qkv(b, t, h, d, torch.float16, seed=9, device=interpreter_device)
+    upstream = torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(4)).half().to(interpreter_device)
+    kwargs = dict(window=90, doc_ids=documents_of_lengths([57, 2, 81], t).to(interpreter_device), scale=None)
+    result = run_triton(q, k, v, upstream, config=SMALL, **kwargs)
+    assert_close_to_reference(result, oracle(q, k, v, upstream, **kwargs), torch.float16)
+
+
+def test_every_output_element_is_written(monkeypatch, interpreter_device):
+    # Every output, the saved lse and the delta buffer start as NaN: a missed row stays NaN.
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(swa, "_new_output", poisoned)
+    b, t, h, d = 2, 45, 2, 64  # 45 = one full and one partial 32-row block
+    q, k, v = qkv(b, t, h, d, torch.float16, device=interpreter_device)
+    upstream = torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(3)).half().to(interpreter_device)
+    doc_ids = documents(b, t, device=interpreter_device)
+    out, lse = swa._forward(q, k, v, doc_ids, 7, 0.125, SMALL["fwd"])
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    grads = swa._backward(upstream, q, k, v, out, lse, doc_ids, 7, 0.125, SMALL)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_strided_slices_of_a_fused_qkv_are_read_in_place(interpreter_device):
+    # The GPT model projects to [B, T, 3H, D] and chunks it: q, k, v are strided views.
+    fused = torch.randn(2, 53, 3 * 2, 64, generator=torch.Generator().manual_seed(7)).half().to(interpreter_device)
+    q, k, v = fused.chunk(3, dim=-2)
+    assert not q.is_contiguous()
+    doc_ids = documents(2, 53, device=interpreter_device)
+    out_strided, lse = swa._forward(q, k, v, doc_ids, 11, 0.12, SMALL["fwd"])
+    out_dense, _ = swa._forward(q.contiguous(), k.contiguous(), v.contiguous(), doc_ids, 11, 0.12, SMALL["fwd"])
+    assert torch.equal(out_strided, out_dense)  # same kernel arithmetic, only the addressing differs
+    upstream = torch.randn(2, 53, 2, 64, generator=torch.Generator().manual_seed(8)).half().to(interpreter_device)
+    result = run_triton(q, k, v, upstream, window=11, doc_ids=doc_ids, scale=0.12, config=SMALL)
+    assert_close_to_reference(result, oracle(q, k, v, upstream, window=11, doc_ids=doc_ids, scale=0.12),
+                              torch.float16)
+
+
+# ---- block ranges against a brute-force mask -------------------------------------------
+
+@triton.jit
+def _key_blocks_probe(doc_ptr, out_ptr, T, window, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    m_last = tl.minimum(m0 + BLOCK_M, T) - 1
+    q_docs = swa._doc_ids_of(doc_ptr, m0 + tl.arange(0, BLOCK_M), T, HAS_DOCS)
+    first, full_first, full_end, end = swa._key_blocks(doc_ptr, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN)
+    base = out_ptr + tl.program_id(0) * 4
+    tl.store(base, first)
+    tl.store(base + 1, full_first)
+    tl.store(base + 2, full_end)
+    tl.store(base + 3, end)
+
+
+@triton.jit
+def _query_blocks_probe(doc_ptr, out_ptr, T, window, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    n_last = tl.minimum(n0 + BLOCK_N, T) - 1
+    k_docs = swa._doc_ids_of(doc_ptr, n0 + tl.arange(0, BLOCK_N), T, HAS_DOCS)
+    first, full_first, full_end, end = swa._query_blocks(doc_ptr, k_docs, n0, n_last, T, window, HAS_DOCS,
+                                                         BLOCK_M, SCAN)
+    base = out_ptr + tl.program_id(0) * 4
+    tl.store(base, first)
+    tl.store(base + 1, full_first)
+    tl.store(base + 2, full_end)
+    tl.store(base + 3, end)
+
+
+def _check_ranges(ranges, mask, own, other, t):
+    """ranges[p] for blocks of `own` rows of the [own-axis, other-axis] visibility `mask`."""
+    n_other = triton.cdiv(t, other)
+    saw_full = False
+    for p, (first, full_first, full_end, end) in enumerate(ranges.tolist()):
+        assert first <= full_first <= full_end <= end <= n_other, (p, ranges[p])
+        rows = mask[p * own:(p + 1) * own]
+        for blk in range(n_other):
+            tile = rows[:, blk * other:(blk + 1) * other]
+            any_visible = bool(tile.any())
+            # Padding rows past T of this program's own block do not count; a block of the
+            # other axis that runs past T is never full (its padding must be masked).
+            all_visible = tile.shape[1] == other and bool(tile.all())
+            # Visited exactly when some pair is visible; unmasked exactly when all are.
+            assert (first <= blk < end) == any_visible, (p, blk, ranges[p])
+            assert (full_first <= blk < full_end) == all_visible, (p, blk, ranges[p])
+            saw_full |= all_visible
+    return saw_full
+
+
+@pytest.mark.parametrize("t,window,lengths,bm,bn,expect_full", [
+    (200, 50, [40, 3, 1, 70, 9], 16, 32, True),
+    (200, 50, [40, 3, 1, 70, 9], 32, 16, True),
+    (173, None, [90, 20], 16, 16, True),
+    (173, 1, [5, 7], 16, 32, False),
+    (97, 300, None, 32, 16, True),
+    (130, 60, [200], 16, 32, True),
+    (130, 33, [200], 16, 32, False),  # a 16x32 tile spans 47 > 33 diagonals: never full
+])
+def test_block_ranges_visit_exactly_the_visible_blocks(t, window, lengths, bm, bn, expect_full, interpreter_device):
+    doc_ids = documents_of_lengths(lengths, t) if lengths else None
+    mask = reference.attention_mask(t, window=window, doc_ids=doc_ids)[0]  # [query, key]
+    kernel_window = swa._kernel_window(window or 0, t)
+    docs = (doc_ids if doc_ids is not None else torch.zeros(1, t, dtype=torch.int32)).to(interpreter_device)
+    key_ranges = torch.full((triton.cdiv(t, bm), 4), -1, dtype=torch.int32, device=interpreter_device)
+    _key_blocks_probe[(key_ranges.shape[0],)](docs, key_ranges, t, kernel_window, HAS_DOCS=doc_ids is not None,
+                                              BLOCK_M=bm, BLOCK_N=bn, SCAN=16)
+    query_ranges = torch.full((triton.cdiv(t, bn), 4), -1, dtype=torch.int32, device=interpreter_device)
+    _query_blocks_probe[(query_ranges.shape[0],)](docs, query_ranges, t, kernel_window,
+                                                  HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, SCAN=16)
+    saw_full = _check_ranges(key_ranges.cpu(), mask, bm, bn, t)
+    assert _check_ranges(query_ranges.cpu(), mask.T, bn, bm, t) == saw_full
+    assert saw_full == expect_full  # the unmasked path is exercised wherever it can be
+
+
+def test_window_is_not_a_specialized_kernel_argument():
+    # Triton specializes ints on ==1 and divisibility by 16; window must not be, so that a
+    # new window value (every step of the record's schedule) never compiles a new kernel.
+    # Checked on the real JIT functions, in a child process with the interpreter off.
+    script = ("import importlib; m = importlib.import_module('kernels.sliding_window_attention'); "
+              "print(sorted(k.__name__ for k in (m._sliding_window_attn_fwd, m._sliding_window_attn_bwd_dkdv, "
+              "m._sliding_window_attn_bwd_dq) if next(p for p in k.params if p.name == 'window').do_not_specialize))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(sorted(["_sliding_window_attn_fwd", "_sliding_window_attn_bwd_dkdv",
+                                              "_sliding_window_attn_bwd_dq"]))
+
+
+# ---- the public op and its plumbing --------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "cuda", "reference"])
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.float16, 128)])
 @pytest.mark.parametrize("window,with_docs,scale", [(None, False, None), (9, True, 0.12), (1, True, None)])
-def test_is_the_reference_under_every_backend(backend, dtype, d, window, with_docs, scale):
+def test_cpu_tensors_run_the_reference_unless_triton_is_asked_for(backend, dtype, d, window, with_docs, scale):
+    # auto -> reference on CPU; cuda has no kernel for this op and falls back to auto.
     q, k, v = qkv(d=d, dtype=dtype)
     kwargs = dict(window=window, doc_ids=documents() if with_docs else None, scale=scale)
     with kernels.use_backend(backend):
@@ -34,6 +255,17 @@ def test_is_the_reference_under_every_backend(backend, dtype, d, window, with_do
     assert_identical(result, forward_backward(reference.sliding_window_attention, [q, k, v], seed=2,
                                               **kwargs))
     assert result[0].shape == q.shape
+
+
+@pytest.mark.parametrize("window,with_docs,scale", [(None, False, None), (9, True, 0.12)])
+def test_public_op_on_the_triton_backend(window, with_docs, scale, interpreter_device):
+    q, k, v = qkv(d=64, dtype=torch.float16, device=interpreter_device)
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).half().to(interpreter_device)
+    kwargs = dict(window=window, doc_ids=documents(device=interpreter_device) if with_docs else None, scale=scale)
+    with kernels.use_backend("triton"):
+        result = forward_backward(kernels.sliding_window_attention, [q, k, v], upstream, **kwargs)
+    assert result[0].dtype == torch.float16 and result[0].shape == q.shape
+    assert_close_to_reference(result, oracle(q, k, v, upstream, **kwargs), torch.float16)
 
 
 def test_slices_of_a_fused_qkv_tensor_are_fine():
@@ -46,9 +278,15 @@ def test_slices_of_a_fused_qkv_tensor_are_fine():
                                                           window=5))
 
 
-def test_backend_report_says_reference_everywhere():
+def test_backend_report_says_triton_on_cuda_and_reference_on_cpu():
     assert kernels.backends()["ops"]["sliding_window_attention"] == {
-        "kernels": [], "on_cuda_tensors": "reference", "on_cpu_tensors": "reference"}
+        "kernels": ["triton"], "on_cuda_tensors": "triton", "on_cpu_tensors": "reference"}
+
+
+def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.sliding_window_attention(*qkv())
 
 
 def test_meta_tensors():
@@ -58,18 +296,34 @@ def test_meta_tensors():
     assert out.shape == q.shape and out.dtype == torch.bfloat16
 
 
-# aot_eager runs the same ATen ops as eager, so traced and eager results are bitwise equal.
+def test_fake_impls_give_shapes_without_running():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(2, 300, 6, 128, dtype=torch.bfloat16)
+        docs = torch.empty(2, 300, dtype=torch.int32)
+        out, lse = torch.ops.kernels.sliding_window_attention_fwd(q, q, q, docs, 1792, 0.12)
+        grads = torch.ops.kernels.sliding_window_attention_bwd(q, q, q, q, out, lse, None, 0, 0.12)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 6, 300) and lse.dtype == torch.float32
+    assert all(g.shape == q.shape and g.dtype == torch.bfloat16 for g in grads)
 
-def test_compiles_with_fullgraph_and_matches_eager():
-    q, k, v = qkv()
-    doc_ids = documents()
+
+# aot_eager runs the same ops as eager, so traced and eager results are bitwise equal.
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiles_with_fullgraph_and_matches_eager(backend, interpreter_device):
+    q, k, v = qkv(d=64, dtype=torch.float16, device=interpreter_device)
+    doc_ids = documents(device=interpreter_device)
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).half().to(interpreter_device)
 
     def attend(a, b, c):
         return kernels.sliding_window_attention(a, b, c, window=7, doc_ids=doc_ids, scale=0.12)
 
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
-    assert_identical(forward_backward(compiled, [q, k, v], seed=2),
-                     forward_backward(attend, [q, k, v], seed=2))
+    with kernels.use_backend(backend):
+        assert_identical(forward_backward(compiled, [q, k, v], upstream),
+                         forward_backward(attend, [q, k, v], upstream))
+    torch._dynamo.reset()
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -93,8 +347,9 @@ def test_compiles_with_fullgraph_and_matches_eager():
     (lambda q, k, v: (q, k, v.transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
      "v must have unit stride along D"),
 ])
-def test_bad_tensors_raise_naming_them(make_args, exc, match):
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bad_tensors_raise_naming_them(make_args, exc, match, backend):
+    with kernels.use_backend(backend), pytest.raises(exc, match=match):
         kernels.sliding_window_attention(*make_args(*qkv()))
 
 
@@ -114,6 +369,187 @@ def test_bad_tensors_raise_naming_them(make_args, exc, match):
     ({"scale": 0.0}, ValueError, "scale must be > 0"),
     ({"scale": "0.12"}, TypeError, "scale must be a number"),
 ])
-def test_bad_options_raise_naming_them(kwargs, exc, match):
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bad_options_raise_naming_them(kwargs, exc, match, backend):
+    with kernels.use_backend(backend), pytest.raises(exc, match=match):
         kernels.sliding_window_attention(*qkv(), **kwargs)
+
+
+# ---- ahead-of-time compilation for Hopper -----------------------------------------------
+
+def _hopper_specs(dtype="bf16", head_dim=128):
+    def strides(*names):
+        return {f"stride_{n}{axis}": "i32" for n in names for axis in "bth"}
+
+    tensor = f"*{dtype}"
+    signatures = {
+        "fwd": ("_sliding_window_attn_fwd", {
+            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "doc_ptr": "*i32", "o_ptr": tensor, "lse_ptr": "*fp32",
+            "T": "i32", "window": "i32", "scale_log2": "fp32", **strides("q", "k", "v", "o"), "stride_docb": "i32"}),
+        "dkdv": ("_sliding_window_attn_bwd_dkdv", {
+            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor, "lse_ptr": "*fp32",
+            "delta_ptr": "*fp32", "doc_ptr": "*i32", "dk_ptr": tensor, "dv_ptr": tensor, "T": "i32", "window": "i32",
+            "scale": "fp32", "scale_log2": "fp32", **strides("q", "k", "v", "do"), "stride_docb": "i32"}),
+        "dq": ("_sliding_window_attn_bwd_dq", {
+            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor, "lse_ptr": "*fp32",
+            "delta_ptr": "*fp32", "doc_ptr": "*i32", "dq_ptr": tensor, "T": "i32", "window": "i32",
+            "scale": "fp32", "scale_log2": "fp32", **strides("q", "k", "v", "do"), "stride_docb": "i32"}),
+    }
+    specs = []
+    for name, (kernel, signature) in signatures.items():
+        config = dict(swa.CONFIGS[head_dim][name])
+        warps = config.pop("num_warps")
+        config.pop("num_stages")
+        # What the JIT specializes at the speedrun's shapes: 16-byte aligned tensors, strides
+        # and T multiples of 16 (window is excluded from specialization).
+        divisible = [n for n in signature if n.endswith("_ptr") or n.startswith("stride") or n == "T"]
+        specs.append({"module": "kernels.sliding_window_attention", "kernel": kernel, "signature": signature,
+                      "constexprs": {"HAS_DOCS": True, "HEAD_DIM": head_dim, "SCAN": swa.SCAN_CHUNK, **config},
+                      "num_warps": warps, "divisible_by_16": divisible})
+    specs.append({"module": "kernels.sliding_window_attention", "kernel": "_sliding_window_attn_bwd_delta",
+                  "signature": {"o_ptr": tensor, "do_ptr": tensor, "delta_ptr": "*fp32", "T": "i32",
+                                **strides("o", "do")},
+                  "constexprs": {"HEAD_DIM": head_dim, "BLOCK_M": swa.DELTA_BLOCK_M}, "num_warps": 4,
+                  "divisible_by_16": ["o_ptr", "do_ptr", "delta_ptr", "T", "stride_ob", "stride_ot", "stride_oh",
+                                      "stride_dob", "stride_dot", "stride_doh"]})
+    return specs
+
+
+def test_triton_kernels_compile_for_sm90_with_wgmma():
+    specs = _hopper_specs()
+    for spec, compiled in zip(specs, compile_for_hopper(specs)):
+        ptx = compiled["ptx"]
+        assert compiled["cubin_bytes"] > 0 and ".target sm_90" in ptx, spec["kernel"]
+        if spec["kernel"] != "_sliding_window_attn_bwd_delta":
+            # Hopper tensor cores, fed by asynchronous (pipelined) copies of K/V or Q/dO tiles.
+            assert "wgmma.mma_async" in ptx, spec["kernel"]
+            assert "cp.async" in ptx, spec["kernel"]
+        assert re.search(r"ld\.global\S*\.v4\.b32", ptx) or "cp.async.cg.shared.global" in ptx, spec["kernel"]
+
+
+# ---- GPU: bf16 against FlexAttention with the exact same mask ------------------------------
+
+def fineweb_like_documents(t, seed, device):
+    """[1, t] doc ids with lognormal document lengths (median ~ 600 tokens), clamped to [16, 8192]."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(torch.randn(4096, generator=gen) * 1.0 + 6.4).clamp(16, 8192).long()
+    ids = torch.repeat_interleave(torch.arange(4096), lengths)[:t]
+    return ids.to(torch.int32)[None].to(device)
+
+
+def flex_reference(q, k, v, *, window, doc_ids, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, length = q.shape[:2]
+    docs = doc_ids
+
+    def sliding_window_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & (docs[b, q_idx] == docs[b, kv_idx])
+
+    block_mask = create_block_mask(sliding_window_document_causal, batch, None, length, length, device=q.device)
+    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                         scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,h,d,window", [(1, 8192, 6, 128, 1792), (2, 4096 + 77, 3, 64, 896),
+                                             (1, 5000, 6, 128, 128)])
+def test_gpu_bf16_matches_flex_attention(b, t, h, d, window):
+    q, k, v = qkv(b, t, h, d, torch.bfloat16, seed=1, device="cuda")
+    doc_ids = torch.cat([fineweb_like_documents(t, seed, "cuda") for seed in range(b)])
+    upstream = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    kwargs = dict(window=window, doc_ids=doc_ids, scale=0.12)
+    with kernels.use_backend("triton"):
+        ours = forward_backward(kernels.sliding_window_attention, [q, k, v], upstream, **kwargs)
+    flex = forward_backward(flex_reference, [q, k, v], upstream, **kwargs)
+    for mine, theirs in zip(ours, flex):
+        assert torch.isfinite(mine).all()
+        assert rel_err(mine, theirs) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_matches_reference_and_changing_window_compiles_nothing():
+    q, k, v = qkv(1, 1000, 2, 128, torch.bfloat16, seed=4, device="cuda")
+    doc_ids = fineweb_like_documents(1000, 3, "cuda")
+    upstream = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    kernel = swa._sliding_window_attn_fwd
+    compiled_before = None
+    for window in (128, 256, 333, 896, 1):
+        kwargs = dict(window=window, doc_ids=doc_ids, scale=None)
+        with kernels.use_backend("triton"):
+            ours = forward_backward(kernels.sliding_window_attention, [q, k, v], upstream, **kwargs)
+        assert_close_to_reference(ours, oracle(q, k, v, upstream, **kwargs), torch.bfloat16)
+        compiled = sum(len(cache[0]) for cache in kernel.device_caches.values())
+        compiled_before = compiled_before or compiled
+        assert compiled == compiled_before, f"window={window} compiled a new forward kernel"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_compile():
+    q, k, v = qkv(1, 2048, 6, 128, torch.bfloat16, seed=5, device="cuda")
+    doc_ids = fineweb_like_documents(2048, 1, "cuda")
+    attend = torch.compile(lambda a, b, c: kernels.sliding_window_attention(a, b, c, window=896, doc_ids=doc_ids,
+                                                                            scale=0.12), fullgraph=True)
+    expected = flex_reference(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
+    assert rel_err(attend(q, k, v), expected) < TOL[torch.bfloat16]
+    graph = torch.cuda.CUDAGraph()
+    kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)  # warm up
+    with torch.cuda.graph(graph):
+        static_out = kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
+    graph.replay()
+    assert rel_err(static_out, expected) < TOL[torch.bfloat16]
+
+
+# ---- bench/bench_sliding_window_attention.py without a GPU ------------------------------------
+
+def test_bench_documents_and_work_counts():
+    from bench import bench_sliding_window_attention as bench
+
+    lengths = bench.document_lengths(49152)
+    assert sum(lengths) == 49152 and lengths == bench.document_lengths(49152)  # deterministic
+    assert all(length >= 1 for length in lengths) and 20 < len(lengths) < 200
+    small = bench.document_lengths(300, seed=3)
+    doc_ids = bench.doc_ids_from_lengths(small)
+    for window in (None, 1, 37, 1792):
+        expected = int(reference.attention_mask(300, window=window, doc_ids=doc_ids).sum())
+        assert bench.visible_pairs(small, window) == expected
+    assert bench.flops(1000, "fwd") == 4 * 128 * 6 * 1000
+    assert bench.flops(1000, "fwd+bwd") == 14 * 128 * 6 * 1000
+    with pytest.raises(ValueError):
+        bench.flops(1000, "bwd")
+
+
+def test_bench_case_records_every_implementation_on_cpu(tmp_path, monkeypatch):
+    from bench import bench_sliding_window_attention as bench
+    from bench import harness
+
+    monkeypatch.setattr(bench, "HEADS", 1)
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0, detail="made up")}
+    run = harness.BenchRun("swa_test", title="t", out_root=tmp_path, ceilings=ceilings,
+                           metadata=harness.collect_metadata("Fake GPU", harness.QUICK_TIMING))
+    timed = []
+
+    def fake_timer(step):
+        step()
+        timed.append(step)
+        return 2.0
+
+    bench.run_case(run, t=256, window=128, modes=bench.MODES, impls=["sdpa-causal", "unknown"],
+                   timer=fake_timer, device="cpu")
+    results = run.to_dict()["results"]
+    assert [(r["case"], r["impl"]) for r in results] == [
+        (f"{mode} T=256 w=128", impl) for mode in bench.MODES for impl in ("sdpa-causal", "unknown")]
+    assert len(timed) == 2
+    sdpa = results[0]
+    assert sdpa["work"] == {"flops": bench.flops(256 * 257 // 2, "fwd+bwd", heads=1)}
+    assert sdpa["value"] == pytest.approx(sdpa["work"]["flops"] / 2e-3 / 1e12)
+    assert "unknown implementation" in results[1]["error"]
+
+
+def test_bench_without_gpu_exits_0():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "bench.bench_sliding_window_attention", "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA GPU found" in done.stdout
