@@ -73,6 +73,19 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_
 
 
 @triton.jit
+def _to_e5m2_bits(v):
+    """Round-to-nearest-even of v (exactly representable in fp16) to e5m2, as uint8 bits.
+
+    e5m2 is the top byte of fp16 (same exponent), so RNE is an integer add on the fp16 bits;
+    inf and NaN map to inf and NaN, overflow past 61440 carries into inf.  Written out
+    because Triton's interpreter loses the carry into the exponent when it casts fp32 to
+    fp8 (1.9 -> 1.0); on a GPU this equals the hardware cast.
+    """
+    bits = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return ((bits + 0x7F + ((bits >> 8) & 1)) >> 8).to(tl.uint8)
+
+
+@triton.jit
 def _ce_grad_e5m2_kernel(logits_ptr, targets_ptr, loss_ptr, factor_ptr, g8_ptr, g8t_ptr,
                          n_rows, n_cols, stride_l, stride_g8, stride_g8t, factor_stride,
                          ignore_index, cap, inv_cap, inv_scale, grad_scale,
@@ -102,7 +115,9 @@ def _ce_grad_e5m2_kernel(logits_ptr, targets_ptr, loss_ptr, factor_ptr, g8_ptr, 
     onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
     g = (prob - onehot) * softcap_ce._capped_derivative(s, inv_cap, inv_scale, KIND) * factor[:, None]
     g = g.to(z.dtype).to(tl.float32)
-    q = (g * grad_scale).to(z.dtype).to(tl.float32).to(g8_ptr.dtype.element_ty)
+    # The product rounded to the logits' dtype (bf16 or fp16) is exact in fp16 down to e5m2's
+    # smallest subnormal, so _to_e5m2_bits rounds it once, like torch's cast.
+    q = _to_e5m2_bits((g * grad_scale).to(z.dtype).to(tl.float32))
     tl.store(g8_ptr + rows64[:, None] * stride_g8 + cols[None, :], q, mask=mask)
     tl.store(g8t_ptr + cols.to(tl.int64)[None, :] * stride_g8t + rows[:, None], q, mask=mask)
 
@@ -144,15 +159,15 @@ def _gemm_cuda(a, b, k, alpha, out_fp32):
 
 def _ce_grad_triton(logits, targets, row_loss, row_factor, cap, kind, scale, ignore_index, grad_scale):
     n, v = logits.shape
-    g8 = torch.empty((n, v), device=logits.device, dtype=E5M2)
-    g8t = torch.empty((v, n), device=logits.device, dtype=E5M2)
+    g8 = torch.empty((n, v), device=logits.device, dtype=torch.uint8)  # e5m2 bits
+    g8t = torch.empty((v, n), device=logits.device, dtype=torch.uint8)
     block_r, block_c = (64, 64) if logits.is_cuda else (16, 32)
     grid = (triton.cdiv(n, block_r), triton.cdiv(v, block_c))
     _ce_grad_e5m2_kernel[grid](logits, targets, row_loss, row_factor, g8, g8t, n, v, logits.stride(0),
                                g8.stride(0), g8t.stride(0), 0 if row_factor.numel() == 1 else 1,
                                ignore_index, cap, 1.0 / cap, 1.0 / scale, grad_scale,
                                KIND=softcap_ce.KIND_CODES[kind], BLOCK_R=block_r, BLOCK_C=block_c)
-    return g8, g8t
+    return g8.view(E5M2), g8t.view(E5M2)
 
 
 def _ce_grad_cuda(logits, targets, row_loss, row_factor, cap, kind, scale, ignore_index, grad_scale):
