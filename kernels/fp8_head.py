@@ -6,22 +6,328 @@ Public ops (contract below and in DESIGN.md §2.2; the spec is `kernels.referenc
   fp8_linear                     y = x @ weight^T through e4m3, gradients through e5m2
   linear_softcap_cross_entropy   softcap_cross_entropy(head(x), targets)
 
-Backends: only the reference exists yet, so every device and every backend setting runs
-`kernels.reference`; the fast kernels will be added to the dispatch tables below.
+Backends:
+  cuda       csrc/fp8_head.cu: fp8 casts that also write the transposed copies the
+             backward GEMMs need (wgmma takes 8-bit operands only K-major), and one
+             hand-written Hopper FP8 GEMM (TMA + wgmma, warp-specialized, persistent) for
+             y = x8.w8^T, dx = g8.w8 and dW = g8^T.x8.
+  triton     the Triton FP8 GEMM below (portable; fp8 dots are right in Triton's
+             interpreter, so it is tested on the CPU), casts and transposes in torch.
+  reference  plain PyTorch (kernels/reference.py), on CPU tensors under "auto".
+
+The fused head + loss (fp8=True) never writes a bf16 logits gradient: the forward runs
+the FP8 GEMM and the softcap CE loss kernel (no gradient) and keeps the bf16 logits and
+per-row losses; the backward recomputes the gradient tile by tile from them with the
+real upstream gradient and writes it straight as scaled e5m2, row-major and transposed
+(ce_grad_e5m2), which the two backward GEMMs read.  Gradient bytes written: 2 per
+logit (e5m2 + its transpose) instead of 2 (bf16) + 1 (cast) + 1 (transpose) and their
+re-reads on the record's path.  Tried and not kept yet: softcap + partial sum-exp in
+the GEMM epilogue (see bench/NOTES.md ## fp8_head).
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels import _backend, _checks, reference, softcap_ce
 
 OP_LINEAR = "fp8_linear"
 OP_LINEAR_CE = "linear_softcap_cross_entropy"
-_backend.register_op(OP_LINEAR, ())
-_backend.register_op(OP_LINEAR_CE, ())
+_backend.register_op(OP_LINEAR, ("cuda", "triton"))
+_backend.register_op(OP_LINEAR_CE, ("cuda", "triton"))
 
-_FP8_LINEAR = {"reference": reference.fp8_linear}
-_LINEAR_CE = {"reference": reference.linear_softcap_cross_entropy}
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+
+
+# ---- Triton kernels ------------------------------------------------------------------
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm, alpha,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """c[M, N] = alpha * a[M, :K] @ b[N, :K]^T; a, b fp8 with unit stride along K."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(a_rows + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+    out = acc * alpha
+    c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+    tl.store(c, out.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _to_e5m2_bits(v):
+    """Round-to-nearest-even of v (exactly representable in fp16) to e5m2, as uint8 bits.
+
+    e5m2 is the top byte of fp16 (same exponent), so RNE is an integer add on the fp16 bits;
+    inf and NaN map to inf and NaN, overflow past 61440 carries into inf.  Written out
+    because Triton's interpreter loses the carry into the exponent when it casts fp32 to
+    fp8 (1.9 -> 1.0); on a GPU this equals the hardware cast.
+    """
+    bits = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return ((bits + 0x7F + ((bits >> 8) & 1)) >> 8).to(tl.uint8)
+
+
+@triton.jit
+def _ce_grad_e5m2_kernel(logits_ptr, targets_ptr, loss_ptr, factor_ptr, g8_ptr, g8t_ptr,
+                         n_rows, n_cols, stride_l, stride_g8, stride_g8t, factor_stride,
+                         ignore_index, cap, inv_cap, inv_scale, grad_scale,
+                         KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """g8 = e5m2(round(round(dloss/dz) * grad_scale)) of one [BLOCK_R, BLOCK_C] tile, and g8t its transpose.
+
+    lse = loss + s[target] (the forward's loss is lse - s[target]); rounding is to the
+    logits' dtype, as the unfused path (bf16 gradient, then grad.mul(grad_scale)) does.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    kept = target != ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    safe_target = tl.where(in_range & row_ok, target, 0)
+    z_target = tl.load(logits_ptr + rows64 * stride_l + safe_target, mask=row_ok, other=0.0).to(tl.float32)
+    lse = tl.load(loss_ptr + rows, mask=row_ok, other=0.0) + tl.where(
+        in_range, softcap_ce._capped(z_target, cap, inv_cap, inv_scale, KIND), 0.0)
+    factor = tl.load(factor_ptr + rows64 * factor_stride, mask=row_ok, other=0.0)
+    factor = tl.where(kept, tl.where(in_range, factor, float("nan")), 0.0)
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    z = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
+    s = softcap_ce._capped(z.to(tl.float32), cap, inv_cap, inv_scale, KIND)
+    prob = tl.exp(s - lse[:, None])
+    onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+    g = (prob - onehot) * softcap_ce._capped_derivative(s, inv_cap, inv_scale, KIND) * factor[:, None]
+    g = g.to(z.dtype).to(tl.float32)
+    # The product rounded to the logits' dtype (bf16 or fp16) is exact in fp16 down to e5m2's
+    # smallest subnormal, so _to_e5m2_bits rounds it once, like torch's cast.
+    q = _to_e5m2_bits((g * grad_scale).to(z.dtype).to(tl.float32))
+    tl.store(g8_ptr + rows64[:, None] * stride_g8 + cols[None, :], q, mask=mask)
+    tl.store(g8t_ptr + cols.to(tl.int64)[None, :] * stride_g8t + rows[:, None], q, mask=mask)
+
+
+# ---- backend pieces -------------------------------------------------------------------
+# quantize(t, scale, e5m2, transpose) -> (q, qt): q = fp8(t * scale) [R, >= C], qt its
+# transpose [C, >= R] (or [0]); gemm(a, b, k, alpha, out_fp32) -> alpha * a[:, :k] @ b[:, :k]^T;
+# ce_grad(...) -> (g8, g8t).  The CUDA pieces pad rows to 16 bytes (TMA's rule), the
+# Triton ones do not: `_padded` says which, for the fake implementations.
+
+def _padded(n: int, backend: str) -> int:
+    return (n + 15) // 16 * 16 if backend == "cuda" else n
+
+
+def _quantize_triton(t, scale, e5m2, transpose):
+    q = t.mul(scale).to(E5M2 if e5m2 else E4M3)
+    qt = q.t().contiguous() if transpose else q.new_empty((0,))
+    return q, qt
+
+
+def _quantize_cuda(t, scale, e5m2, transpose):
+    return torch.ops.speedrun_cuda.fp8_cast(t, scale, e5m2, transpose)
+
+
+def _gemm_triton(a, b, k, alpha, out_fp32):
+    m, n = a.shape[0], b.shape[0]
+    c = torch.empty((m, n), device=a.device, dtype=torch.float32 if out_fp32 else torch.bfloat16)
+    block_m, block_n, block_k = (128, 128, 128) if a.is_cuda else (32, 32, 32)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _fp8_gemm_kernel[grid](a, b, c, m, n, k, a.stride(0), b.stride(0), c.stride(0), alpha,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                           num_warps=8 if a.is_cuda else 4, num_stages=3 if a.is_cuda else 1)
+    return c
+
+
+def _gemm_cuda(a, b, k, alpha, out_fp32):
+    return torch.ops.speedrun_cuda.fp8_gemm(a, b, k, alpha, out_fp32)
+
+
+def _ce_grad_triton(logits, targets, row_loss, row_factor, cap, kind, scale, ignore_index, grad_scale):
+    n, v = logits.shape
+    g8 = torch.empty((n, v), device=logits.device, dtype=torch.uint8)  # e5m2 bits
+    g8t = torch.empty((v, n), device=logits.device, dtype=torch.uint8)
+    block_r, block_c = (64, 64) if logits.is_cuda else (16, 32)
+    grid = (triton.cdiv(n, block_r), triton.cdiv(v, block_c))
+    _ce_grad_e5m2_kernel[grid](logits, targets, row_loss, row_factor, g8, g8t, n, v, logits.stride(0),
+                               g8.stride(0), g8t.stride(0), 0 if row_factor.numel() == 1 else 1,
+                               ignore_index, cap, 1.0 / cap, 1.0 / scale, grad_scale,
+                               KIND=softcap_ce.KIND_CODES[kind], BLOCK_R=block_r, BLOCK_C=block_c)
+    return g8.view(E5M2), g8t.view(E5M2)
+
+
+def _ce_grad_cuda(logits, targets, row_loss, row_factor, cap, kind, scale, ignore_index, grad_scale):
+    return torch.ops.speedrun_cuda.fp8_ce_grad_e5m2(logits, targets, row_loss, row_factor, cap,
+                                                    softcap_ce.KIND_CODES[kind], scale, ignore_index,
+                                                    grad_scale)
+
+
+_QUANTIZE = {"cuda": _quantize_cuda, "triton": _quantize_triton}
+_GEMM = {"cuda": _gemm_cuda, "triton": _gemm_triton}
+_CE_GRAD = {"cuda": _ce_grad_cuda, "triton": _ce_grad_triton}
+
+
+def _head_forward(x, weight, x_scale, w_scale, need_grad, backend):
+    """(y bf16 [N, V], x8t, w8t): the transposed e4m3 copies only when a backward will follow."""
+    x8, x8t = _QUANTIZE[backend](x, x_scale, False, need_grad)
+    w8, w8t = _QUANTIZE[backend](weight, w_scale, False, need_grad)
+    y = _GEMM[backend](x8, w8, x.shape[1], 1.0 / (x_scale * w_scale), False)
+    return y, x8t, w8t
+
+
+def _head_backward(g8, g8t, x8t, w8t, n, k, v, x_scale, w_scale, grad_scale, w_dtype, backend):
+    """dx = g8 @ w8 (bf16) and dW = g8^T @ x8 (fp32 accumulation, then weight's dtype)."""
+    dx = _GEMM[backend](g8, w8t, v, 1.0 / (grad_scale * w_scale), False)
+    dw = _GEMM[backend](g8t, x8t, n, 1.0 / (grad_scale * x_scale), True)
+    return dx, dw.to(w_dtype)
+
+
+def _fake_fp8(rows, cols, like, dtype, backend):
+    return like.new_empty((rows, _padded(cols, backend)), dtype=dtype)
+
+
+# ---- custom ops: fp8_linear -----------------------------------------------------------
+
+@torch.library.custom_op("kernels::fp8_linear_fwd", mutates_args=())
+def _fp8_linear_fwd(x: torch.Tensor, weight: torch.Tensor, x_scale: float, w_scale: float, grad_scale: float,
+                    need_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, x8t, w8t); x8t [K, >= N] and w8t [K, >= V] e4m3 are [0] unless need_grad."""
+    return _head_forward(x, weight, x_scale, w_scale, need_grad, backend)
+
+
+@_fp8_linear_fwd.register_fake
+def _fp8_linear_fwd_fake(x, weight, x_scale, w_scale, grad_scale, need_grad, backend):
+    (n, k), v = x.shape, weight.shape[0]
+    y = x.new_empty((n, v), dtype=torch.bfloat16)
+    if not need_grad:
+        return y, x.new_empty((0,), dtype=E4M3), x.new_empty((0,), dtype=E4M3)
+    return y, _fake_fp8(k, n, x, E4M3, backend), _fake_fp8(k, v, x, E4M3, backend)
+
+
+@torch.library.custom_op("kernels::fp8_linear_bwd", mutates_args=())
+def _fp8_linear_bwd(grad: torch.Tensor, x8t: torch.Tensor, w8t: torch.Tensor, x_scale: float, w_scale: float,
+                    grad_scale: float, w_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, v = grad.shape
+    g8, g8t = _QUANTIZE[backend](grad, grad_scale, True, True)
+    return _head_backward(g8, g8t, x8t, w8t, n, x8t.shape[0], v, x_scale, w_scale, grad_scale, w_dtype,
+                          backend)
+
+
+@_fp8_linear_bwd.register_fake
+def _fp8_linear_bwd_fake(grad, x8t, w8t, x_scale, w_scale, grad_scale, w_dtype, backend):
+    (n, v), k = grad.shape, x8t.shape[0]
+    return grad.new_empty((n, k), dtype=torch.bfloat16), grad.new_empty((v, k), dtype=w_dtype)
+
+
+def _fp8_linear_setup(ctx, inputs, output):
+    x, weight, x_scale, w_scale, grad_scale, _, backend = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.args = (x_scale, w_scale, grad_scale, weight.dtype, backend)
+
+
+def _fp8_linear_backward(ctx, grad_y, _grad_x8t, _grad_w8t):
+    x8t, w8t = ctx.saved_tensors
+    dx, dw = _fp8_linear_bwd(grad_y.contiguous(), x8t, w8t, *ctx.args)
+    return dx, dw, None, None, None, None, None
+
+
+_fp8_linear_fwd.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup)
+
+
+# ---- custom ops: the fused head + softcap cross-entropy -----------------------------------
+
+def _reduce(row_loss, targets, ignore_index, reduction):
+    if reduction == "none":
+        return row_loss.clone()
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum(dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::fp8_head_ce_fwd", mutates_args=())
+def _fp8_head_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, x_scale: float,
+                     w_scale: float, grad_scale: float, cap: float, kind: str, scale: float, ignore_index: int, reduction: str,
+                     need_grad: bool, backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, row_loss [N] fp32, logits [N, V] bf16 or [0], x8t, w8t) -- the last three for backward."""
+    y, x8t, w8t = _head_forward(x, weight, x_scale, w_scale, need_grad, backend)
+    kind_or_none = None if kind == "none" else kind
+    # The softcap CE kernels through their public op, without the gradient: one read of y.
+    with _backend.use_backend("auto" if backend == "cuda" else backend):
+        row_loss = softcap_ce.softcap_cross_entropy(y, targets, cap=cap, kind=kind_or_none, scale=scale,
+                                                    ignore_index=ignore_index, reduction="none")
+    loss = _reduce(row_loss, targets, ignore_index, reduction)
+    return loss, row_loss, (y if need_grad else y.new_empty((0,))), x8t, w8t
+
+
+@_fp8_head_ce_fwd.register_fake
+def _fp8_head_ce_fwd_fake(x, weight, targets, x_scale, w_scale, grad_scale, cap, kind, scale, ignore_index, reduction,
+                          need_grad, backend):
+    (n, k), v = x.shape, weight.shape[0]
+    loss = x.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
+    row_loss = x.new_empty((n,), dtype=torch.float32)
+    if not need_grad:
+        empty = x.new_empty((0,), dtype=E4M3)
+        return loss, row_loss, x.new_empty((0,), dtype=torch.bfloat16), empty, empty
+    return (loss, row_loss, x.new_empty((n, v), dtype=torch.bfloat16), _fake_fp8(k, n, x, E4M3, backend),
+            _fake_fp8(k, v, x, E4M3, backend))
+
+
+@torch.library.custom_op("kernels::fp8_head_ce_bwd", mutates_args=())
+def _fp8_head_ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, row_loss: torch.Tensor, targets: torch.Tensor,
+                     x8t: torch.Tensor, w8t: torch.Tensor, x_scale: float, w_scale: float, grad_scale: float,
+                     cap: float, kind: str, scale: float, ignore_index: int, reduction: str,
+                     w_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, v = logits.shape
+    # Per-row factor of dloss/dlogits: the upstream gradient, over the kept count for a
+    # mean.  Computed on the device: no host sync.  Ignored rows are zeroed in the kernel.
+    upstream = grad_loss.to(torch.float32).reshape(-1)
+    if reduction == "mean":
+        upstream = upstream / (targets != ignore_index).sum(dtype=torch.float32)
+    g8, g8t = _CE_GRAD[backend](logits, targets, row_loss, upstream.contiguous(), cap,
+                                None if kind == "none" else kind, scale, ignore_index, grad_scale)
+    return _head_backward(g8, g8t, x8t, w8t, n, x8t.shape[0], v, x_scale, w_scale, grad_scale, w_dtype, backend)
+
+
+@_fp8_head_ce_bwd.register_fake
+def _fp8_head_ce_bwd_fake(grad_loss, logits, row_loss, targets, x8t, w8t, x_scale, w_scale, grad_scale, cap, kind,
+                          scale, ignore_index, reduction, w_dtype, backend):
+    (n, v), k = logits.shape, x8t.shape[0]
+    return logits.new_empty((n, k), dtype=torch.bfloat16), logits.new_empty((v, k), dtype=w_dtype)
+
+
+def _fp8_head_ce_setup(ctx, inputs, output):
+    (x, weight, targets, x_scale, w_scale, grad_scale, cap, kind, scale, ignore_index, reduction, _,
+     backend) = inputs
+    ctx.save_for_backward(output[2], output[1], targets, output[3], output[4])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.args = (x_scale, w_scale, grad_scale, cap, kind, scale, ignore_index, reduction, weight.dtype, backend)
+
+
+def _fp8_head_ce_backward(ctx, grad_loss, *_unused):
+    logits, row_loss, targets, x8t, w8t = ctx.saved_tensors
+    dx, dw = _fp8_head_ce_bwd(grad_loss.contiguous(), logits, row_loss, targets, x8t, w8t, *ctx.args)
+    return dx, dw, None, None, None, None, None, None, None, None, None, None, None
+
+
+_fp8_head_ce_fwd.register_autograd(_fp8_head_ce_backward, setup_context=_fp8_head_ce_setup)
+
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -63,13 +369,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, *, x_scale: float = 2.0, w
     weight's dtype.  Nothing is clamped: out-of-range values follow the fp8 casts
     (e4m3fn saturates at +-448, e5m2 overflows to +-inf).
 
-    Backends: reference only for now (on every device and backend setting).  No host
-    synchronization; traces under torch.compile(fullgraph=True).
+    Backends: cuda (the hand-written Hopper FP8 GEMM, sm_90a), triton, reference (see the
+    module docstring).  Any N, K, V >= 1: the fast backends pad their fp8 copies' rows to
+    16 bytes themselves, so TMA's alignment rules put no condition on the caller's shapes.
+    No host synchronization; traces under torch.compile(fullgraph=True).
     """
     _validate_head(x, weight, (torch.bfloat16,), WEIGHT_DTYPES)
     _validate_scales(x_scale, w_scale, grad_scale)
-    implementation = _FP8_LINEAR[_backend.choose(OP_LINEAR, x.device)]
-    return implementation(x, weight, x_scale=x_scale, w_scale=w_scale, grad_scale=grad_scale)
+    backend = _backend.choose(OP_LINEAR, x.device)
+    if backend == "reference":
+        return reference.fp8_linear(x, weight, x_scale=x_scale, w_scale=w_scale, grad_scale=grad_scale)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    y, _, _ = _fp8_linear_fwd(x, weight, float(x_scale), float(w_scale), float(grad_scale), need_grad, backend)
+    return y
 
 
 def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -93,8 +405,11 @@ def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets:
         The loss in float32: a scalar, or [N] for reduction="none".
 
     Gradients for x and weight (through the FP8 head's e5m2 gradient path when fp8).
-    Backends: reference only for now, which materializes the [N, V] logits; a fused
-    kernel need not.  No host synchronization; traces under torch.compile(fullgraph=True).
+    Backends (fp8=True): cuda and triton run the fused head (module docstring): the bf16
+    logits are written once by the FP8 GEMM and kept for backward, whose gradient goes
+    straight to scaled e5m2; reference materializes fp32 and bf16 intermediates.
+    fp8=False: x @ weight^T in x's dtype, then softcap_cross_entropy (its own backends).
+    No host synchronization; traces under torch.compile(fullgraph=True).
     """
     if not isinstance(fp8, bool):
         raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
@@ -111,7 +426,17 @@ def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets:
     _checks.number("cap", cap, positive=True)
     _checks.number("scale", scale, positive=True)
     _checks.number("ignore_index", ignore_index, integer=True)
-    implementation = _LINEAR_CE[_backend.choose(OP_LINEAR_CE, x.device)]
-    return implementation(x, weight, targets, fp8=fp8, x_scale=x_scale, w_scale=w_scale,
-                          grad_scale=grad_scale, cap=cap, kind=kind, scale=scale,
-                          ignore_index=ignore_index, reduction=reduction)
+    backend = _backend.choose(OP_LINEAR_CE, x.device)
+    if backend == "reference":
+        return reference.linear_softcap_cross_entropy(
+            x, weight, targets, fp8=fp8, x_scale=x_scale, w_scale=w_scale, grad_scale=grad_scale, cap=cap,
+            kind=kind, scale=scale, ignore_index=ignore_index, reduction=reduction)
+    if not fp8:
+        logits = x @ weight.to(x.dtype).T
+        return softcap_ce.softcap_cross_entropy(logits, targets, cap=cap, kind=kind, scale=scale,
+                                                ignore_index=ignore_index, reduction=reduction)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    outputs = _fp8_head_ce_fwd(x, weight, targets, float(x_scale), float(w_scale), float(grad_scale),
+                               float(cap), kind or "none", float(scale), int(ignore_index), reduction,
+                               need_grad, backend)
+    return outputs[0]

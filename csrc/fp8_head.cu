@@ -1,0 +1,729 @@
+// The FP8 LM head on Hopper: per-tensor-scaled fp8 casts (with the transposed copies the
+// backward GEMMs need) and one hand-written FP8 GEMM (TMA + wgmma, warp-specialized,
+// persistent), plus the e5m2 gradient of the softcapped cross-entropy for the fused head.
+// No CUTLASS: every PTX instruction used is written out below.  Contract: DESIGN.md §2.2,
+// the spec is kernels/reference.py (fp8_linear, linear_softcap_cross_entropy).
+//
+// ---- The GEMM --------------------------------------------------------------------------
+// C[M, N] = alpha * A[M, K] . B[N, K]^T, A and B fp8 and BOTH K-major (rows of K contiguous
+// bytes): wgmma reads 8-bit operands only K-major from shared memory, so the three head
+// products are arranged as
+//     y  [Ntok, V]  = x8   [Ntok, K] . w8   [V, K]^T      A e4m3, B e4m3, bf16 out
+//     dx [Ntok, K]  = g8   [Ntok, V] . w8T  [K, V]^T      A e5m2, B e4m3, bf16 out
+//     dW [V, K]     = g8T  [V, Ntok] . x8T  [K, Ntok]^T   A e5m2, B e4m3, fp32 out
+// where w8T, x8T and g8T are transposed copies written by the cast kernels (and by the
+// e5m2 cross-entropy gradient kernel) in the same pass that writes w8, x8 and g8.
+//
+// Tile 128 x 256 x 128 (BM x BN x BK), 4 shared-memory stages:
+//   stage = A tile 128 rows x 128 B (16 KiB) + B tile 256 rows x 128 B (32 KiB) = 48 KiB,
+//   4 stages = 192 KiB + 8 mbarriers, under the 227 KiB an sm_90 CTA may use; 1 CTA/SM.
+// 384 threads = 3 warpgroups:
+//   WG0   producer: one elected thread issues the TMA loads of every stage; the warpgroup
+//         gives its registers back (setmaxnreg.dec 40).
+//   WG1-2 consumers ("cooperative"): both work on the same 128 x 256 tile, WG1 on rows
+//         0-63 and WG2 on rows 64-127, each with wgmma m64n256k32 (4 per k-block of 128):
+//         128 fp32 accumulators per thread; setmaxnreg.inc 232 (40*128 + 232*256 = 64512
+//         of the SM's 65536 registers).
+// Persistent: grid = min(#tiles, #SMs); CTA b takes tiles b, b + grid, ...  Tiles are
+// ordered in groups of kGroupM row-tiles (all column tiles of a group before the next
+// group), so the CTAs of one wave share A rows and B rows in L2.  The producer runs
+// ahead across tile boundaries, so the next tile's first stages load during the
+// consumers' epilogue.
+// Pipeline: full[s] (1 arrival + the transaction bytes of the TMA loads) and empty[s]
+// (8 arrivals: lane 0 of each consumer warp after its wgmmas on stage s completed).
+// Consumers keep one k-block of wgmmas in flight (wait_group 1) before releasing the
+// previous stage.
+//
+// Shared-memory layout and the wgmma descriptors.  Each TMA box is {128 bytes of K,
+// rows} with CU_TENSOR_MAP_SWIZZLE_128B: row r of the box lands at byte r*128 of the
+// stage buffer, and inside the row the 16-byte chunk c is stored at chunk c ^ (r % 8).
+// That is exactly wgmma's K-major "128B swizzle" canonical layout: core matrices of
+// 8 rows x 16 bytes, 8 rows x 128 B = 1024 B per swizzle atom, atoms stacked along M/N.
+// Descriptor fields (PTX ISA "matrix descriptor"): start address >> 4 (bits 0-13);
+// leading-dimension byte offset (bits 16-29), unused for swizzled K-major layouts whose
+// K extent per instruction (32 B) lies inside one 128 B row: set to 1 by convention;
+// stride-dimension byte offset = 1024 B (>> 4 = 64, bits 32-45), the distance between
+// consecutive 8-row groups; base offset 0 (bits 49-51) because every stage buffer is
+// 1024-byte aligned; layout type 1 = 128B swizzle (bits 62-63).  The k-th k32 step of a
+// k-block starts 32*k bytes into the row: the descriptor's start address advances by
+// 32*k (the hardware applies the XOR swizzle to the computed address bits, which is why
+// the buffers must be 1024-byte aligned).  Consumer WG c reads A rows 64c..64c+63:
+// start + 64*128*c bytes, a multiple of 1024.
+//
+// Ragged shapes.  TMA boxes that cross the tensor's end are zero-filled (OOB fill NONE
+// = zeros) and still count their full bytes on the mbarrier, so a ragged K adds zeros
+// to the dot products and ragged M/N rows are zeros that the predicated stores drop.
+// TMA requirements: the global address 16-byte aligned and every row stride a
+// multiple of 16 bytes.  All fp8 operands are written by our own kernels into buffers
+// whose row stride is rounded up to 16 bytes (the tensor map's dims stay the logical
+// sizes), so every M, N, K >= 1 works; the raw op checks the alignment again.
+//
+// Accumulator layout (wgmma m64nN, fp32): warp w of the warpgroup owns rows 16w..16w+15;
+// lane l holds, for every 8-column group j, d[4j+0..1] = row 16w + l/4, columns
+// 8j + 2(l%4) + {0,1}, and d[4j+2..3] = the same columns of row 16w + l/4 + 8.
+// The epilogue multiplies by alpha and stores pairs (bf16x2 or float2) straight from
+// registers, predicated on the bounds.
+//
+// ---- Casts -------------------------------------------------------------------------
+// cast_fp8_kernel: 64 x 64 tiles; q = fp8(round_to_src_dtype(v * scale)) exactly like
+// the reference's v.mul(scale).to(fp8) (the product is rounded to the input's dtype
+// first); e4m3 saturates to +-448 (the reference's cast on the CPU), e5m2 keeps
+// overflow as +-inf.  Writes q row-major and, through shared memory, transposed.
+//
+// ---- The e5m2 cross-entropy gradient -----------------------------------------------
+// ce_grad_e5m2_kernel: from the bf16 logits y, the per-row loss of the forward and the
+// per-row factor (upstream gradient * 1/count, 0 for ignored rows), recomputes
+// g = (softmax(s) - onehot) * ds/dz * factor per element with lse = loss + s[target],
+// rounds it to bf16 (the logits' dtype, as the unfused path would) and writes
+// e5m2(g * grad_scale) row-major (g8) and transposed (g8T) for the two backward GEMMs:
+// 2 bytes per element written instead of the 2 of a bf16 gradient plus the 2 + 2 + 2 of
+// a separate cast-and-transpose pass.
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cuda.h>  // CUtensorMap and its enums only: the encoder is fetched at run time
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <tuple>
+
+namespace speedrun {
+namespace {
+
+// ---- GEMM configuration ---------------------------------------------------------------
+constexpr int kBM = 128;
+constexpr int kBN = 256;
+constexpr int kBK = 128;  // bytes of K per stage row: exactly one 128-byte swizzle span
+constexpr int kStages = 4;
+constexpr int kGroupM = 8;
+constexpr int kThreads = 384;
+constexpr int kConsumerWarps = 8;
+constexpr int kStageBytesA = kBM * kBK;
+constexpr int kStageBytesB = kBN * kBK;
+constexpr int kStageBytes = kStageBytesA + kStageBytesB;
+// Stage buffers (1024-aligned), then 2 * kStages mbarriers; +1024 for aligning the base.
+constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
+static_assert(kStageBytesA % 1024 == 0 && kStageBytesB % 1024 == 0, "stage buffers must stay 1024-aligned");
+static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of an sm_90 CTA");
+
+// ---- PTX wrappers ------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Blocks until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_LOOP:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_LOOP;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// 2-D TMA load of the box at (inner, outer) element coordinates into shared memory;
+// completion is signalled on `bar` as transaction bytes.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int inner,
+                                            int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// K-major, 128B-swizzled operand descriptor (see the header comment for every field).
+__device__ __forceinline__ uint64_t smem_descriptor(const void* p) {
+  const uint64_t address = smem_addr(p);
+  uint64_t desc = (address & 0x3FFFF) >> 4;  // start address, bits 0-13
+  desc |= uint64_t(1) << 16;                  // leading byte offset >> 4 (unused here)
+  desc |= uint64_t(1024 >> 4) << 32;          // stride byte offset >> 4: 8 rows x 128 B
+  desc |= uint64_t(1) << 62;                  // layout: 128-byte swizzle
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving accumulator reads/writes across the asynchronous wgmma.
+__device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <uint32_t kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+template <uint32_t kRegisters>
+__device__ __forceinline__ void registers_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+
+// D[64x256] (+)= A[64x32] * B[256x32]^T; A e4m3, B e4m3; both K-major in smem (descriptors).
+// scale_d == 0 overwrites D (first k-step of a tile), 1 accumulates.
+__device__ __forceinline__ void wgmma_m64n256k32_e4m3_e4m3(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                                           uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// D[64x256] (+)= A[64x32] * B[256x32]^T; A e5m2, B e4m3; both K-major in smem (descriptors).
+// scale_d == 0 overwrites D (first k-step of a tile), 1 accumulates.
+__device__ __forceinline__ void wgmma_m64n256k32_e5m2_e4m3(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                                           uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.f32.e5m2.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// ---- The GEMM kernel ------------------------------------------------------------------------
+
+struct TileCoord {
+  int m;
+  int n;
+};
+
+// Tile t -> (row tile, column tile), grouped by kGroupM row tiles (see the header).
+__device__ __forceinline__ TileCoord tile_coord(int t, int tiles_m, int tiles_n) {
+  const int per_group = kGroupM * tiles_n;
+  const int group = t / per_group;
+  const int first_m = group * kGroupM;
+  const int group_rows = min(tiles_m - first_m, kGroupM);
+  const int in_group = t - group * per_group;
+  return {first_m + in_group % group_rows, in_group / group_rows};
+}
+
+__device__ __forceinline__ void store_pair(__nv_bfloat16* c, int64_t offset, float v0, float v1, bool both,
+                                           bool vector_ok) {
+  if (both && vector_ok) {
+    *reinterpret_cast<__nv_bfloat162*>(c + offset) = __floats2bfloat162_rn(v0, v1);
+  } else {
+    c[offset] = __float2bfloat16_rn(v0);
+    if (both) c[offset + 1] = __float2bfloat16_rn(v1);
+  }
+}
+
+__device__ __forceinline__ void store_pair(float* c, int64_t offset, float v0, float v1, bool both,
+                                           bool vector_ok) {
+  if (both && vector_ok) {
+    *reinterpret_cast<float2*>(c + offset) = make_float2(v0, v1);
+  } else {
+    c[offset] = v0;
+    if (both) c[offset + 1] = v1;
+  }
+}
+
+template <bool kAE5M2>
+__device__ __forceinline__ void wgmma_k32(float (&d)[128], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
+  if constexpr (kAE5M2) {
+    wgmma_m64n256k32_e5m2_e4m3(d, desc_a, desc_b, scale_d);
+  } else {
+    wgmma_m64n256k32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
+  }
+}
+
+// C[M, N] = alpha * A[M, K] . B[N, K]^T; A e4m3 (kAE5M2 false) or e5m2, B e4m3; OutT
+// __nv_bfloat16 or float.  `vector_ok`: pairs of columns may be stored as one 4/8-byte
+// access (ldc even, c aligned).
+template <bool kAE5M2, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                OutT* __restrict__ c, int M, int N, int K, int64_t ldc, float alpha, bool vector_ok) {
+  extern __shared__ uint8_t smem_raw[];
+  // The dynamic shared-memory base is only 16-byte aligned by the language: align it to
+  // 1024 bytes (the 128B swizzle atom) by hand; kSmemBytes has the slack for it.
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+
+  const int tiles_m = (M + kBM - 1) / kBM;
+  const int tiles_n = (N + kBN - 1) / kBN;
+  const int tiles = tiles_m * tiles_n;
+  const int k_blocks = (K + kBK - 1) / kBK;
+  const int warpgroup = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kConsumerWarps);
+    }
+    // Make the initialized barriers visible to the TMA unit (the async proxy).
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    registers_decrease<40>();
+    if (threadIdx.x == 0) {
+      tma_prefetch_descriptor(&map_a);
+      tma_prefetch_descriptor(&map_b);
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const TileCoord tile = tile_coord(t, tiles_m, tiles_n);
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          // A fresh barrier counts as having completed the phase before phase 0, so the
+          // first pass over the stages does not wait (parity phase ^ 1 == 1).
+          mbar_wait(&empty[stage], phase ^ 1);
+          uint8_t* a = smem + stage * kStageBytes;
+          uint8_t* b = a + kStageBytesA;
+          // Out-of-bounds parts of a box are zero-filled and still counted: always the full bytes.
+          mbar_arrive_expect_tx(&full[stage], kStageBytes);
+          tma_load_2d(a, &map_a, &full[stage], kb * kBK, tile.m * kBM);
+          tma_load_2d(b, &map_b, &full[stage], kb * kBK, tile.n * kBN);
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    // ---- consumers ----
+    registers_increase<232>();
+    const int consumer = warpgroup - 1;  // rows 64*consumer .. +63 of the tile
+    const int warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const TileCoord tile = tile_coord(t, tiles_m, tiles_n);
+      int previous = 0;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        mbar_wait(&full[stage], phase);
+        const uint8_t* a = smem + stage * kStageBytes + consumer * 64 * kBK;
+        const uint8_t* b = smem + stage * kStageBytes + kStageBytesA;
+        const uint64_t desc_a = smem_descriptor(a);
+        const uint64_t desc_b = smem_descriptor(b);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBK / 32; ++kk) {
+          // +2 in the start-address field = +32 bytes = the next 32 fp8 values of K.
+          wgmma_k32<kAE5M2>(acc, desc_a + 2 * kk, desc_b + 2 * kk, (kb | kk) != 0);
+        }
+        wgmma_commit();
+        if (kb > 0) {
+          // The previous k-block's wgmmas are done: its stage may be refilled.
+          wgmma_wait<1>();
+          if (lane == 0) mbar_arrive(&empty[previous]);
+        }
+        previous = stage;
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      wgmma_wait<0>();
+      fence_accumulators(acc);
+      if (lane == 0) mbar_arrive(&empty[previous]);
+
+      // ---- epilogue: alpha * acc, predicated stores straight from the fragment ----
+      const int row0 = tile.m * kBM + consumer * 64 + warp * 16 + lane / 4;
+      const int col0 = tile.n * kBN + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int col = col0 + 8 * j;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row0 + 8 * h;
+          if (row < M && col < N) {
+            store_pair(c, static_cast<int64_t>(row) * ldc + col, acc[4 * j + 2 * h] * alpha,
+                       acc[4 * j + 2 * h + 1] * alpha, col + 1 < N, vector_ok);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- Casts to fp8 ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float load_float(const float* p) { return *p; }
+__device__ __forceinline__ float load_float(const at::BFloat16* p) {
+  return __uint_as_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[0]) << 16);
+}
+__device__ __forceinline__ float load_float(const at::Half* p) {
+  return __half2float(*reinterpret_cast<const __half*>(p));
+}
+
+// The product v * scale rounded to the source dtype, as torch's v.mul(scale) would be.
+__device__ __forceinline__ float round_like(float v, const float*) { return v; }
+__device__ __forceinline__ float round_like(float v, const at::BFloat16*) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ float round_like(float v, const at::Half*) { return __half2float(__float2half_rn(v)); }
+
+template <bool kE5M2>
+__device__ __forceinline__ uint8_t to_fp8(float v) {
+  if constexpr (kE5M2) {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_NOSAT, __NV_E5M2));
+  } else {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+  }
+}
+
+constexpr int kCastTile = 64;
+constexpr int kCastThreads = 256;
+
+// Writes `tile` (kCastTile x kCastTile bytes, [row][col] of the source) transposed:
+// dst_t[col, row].  Each warp writes 32 consecutive bytes of a dst_t row.
+__device__ __forceinline__ void store_transposed(const uint8_t (&tile)[kCastTile][kCastTile + 1], int64_t row0,
+                                                 int64_t col0, int64_t rows, int64_t cols, uint8_t* dst_t,
+                                                 int64_t dst_t_ld) {
+  const int tx = threadIdx.x % kCastTile;
+  const int ty = threadIdx.x / kCastTile;
+  for (int r = ty; r < kCastTile; r += kCastThreads / kCastTile) {
+    const int64_t t_row = col0 + r;
+    const int64_t t_col = row0 + tx;
+    if (t_row < cols && t_col < rows) dst_t[t_row * dst_t_ld + t_col] = tile[tx][r];
+  }
+}
+
+// dst[r, c] = fp8(src[r, c] * scale), and dst_t[c, r] the same value if dst_t != nullptr.
+template <typename Src, bool kE5M2>
+__global__ void __launch_bounds__(kCastThreads)
+cast_fp8_kernel(const Src* __restrict__ src, int64_t rows, int64_t cols, int64_t src_ld, float scale,
+                uint8_t* __restrict__ dst, int64_t dst_ld, uint8_t* __restrict__ dst_t, int64_t dst_t_ld) {
+  __shared__ uint8_t tile[kCastTile][kCastTile + 1];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kCastTile;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCastTile;
+  const int tx = threadIdx.x % kCastTile;
+  const int ty = threadIdx.x / kCastTile;
+  for (int r = ty; r < kCastTile; r += kCastThreads / kCastTile) {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + tx;
+    uint8_t q = 0;
+    if (row < rows && col < cols) {
+      q = to_fp8<kE5M2>(round_like(load_float(src + row * src_ld + col) * scale, src));
+      dst[row * dst_ld + col] = q;
+    }
+    tile[r][tx] = q;
+  }
+  if (dst_t == nullptr) return;
+  __syncthreads();
+  store_transposed(tile, row0, col0, rows, cols, dst_t, dst_t_ld);
+}
+
+// ---- The e5m2 gradient of the softcapped cross-entropy ---------------------------------------
+
+enum CapKind : int64_t { kNone = 0, kTanh = 1, kSigmoid = 2 };
+
+struct CapParams {
+  int kind;
+  float cap;
+  float inv_cap;
+  float inv_scale;
+};
+
+__device__ __forceinline__ float capped(float z, const CapParams& p) {
+  if (p.kind == kTanh) {  // cap * tanh(z / cap) = cap * (1 - 2 / (exp(2z / cap) + 1))
+    return p.cap * (1.f - 2.f * __frcp_rn(__expf(2.f * z * p.inv_cap) + 1.f));
+  }
+  if (p.kind == kSigmoid) return p.cap * __frcp_rn(1.f + __expf(-z * p.inv_scale));
+  return z;
+}
+
+// ds/dz written through s.
+__device__ __forceinline__ float capped_derivative(float s, const CapParams& p) {
+  if (p.kind == kTanh) {
+    const float t = s * p.inv_cap;
+    return 1.f - t * t;
+  }
+  if (p.kind == kSigmoid) return s * (1.f - s * p.inv_cap) * p.inv_scale;
+  return 1.f;
+}
+
+// g8[r, c] = e5m2(bf16(bf16(dloss/dz[r, c]) * grad_scale)) and g8t[c, r] the same, from the
+// bf16 logits z, the forward's per-row loss and the per-row factor of the incoming gradient.
+__global__ void __launch_bounds__(kCastThreads)
+ce_grad_e5m2_kernel(const at::BFloat16* __restrict__ logits, int64_t rows, int64_t cols, int64_t ld,
+                    const int64_t* __restrict__ targets, const float* __restrict__ row_loss,
+                    const float* __restrict__ row_factor, int64_t factor_stride, int64_t ignore_index,
+                    CapParams p, float grad_scale, uint8_t* __restrict__ g8, int64_t g8_ld,
+                    uint8_t* __restrict__ g8t, int64_t g8t_ld) {
+  __shared__ uint8_t tile[kCastTile][kCastTile + 1];
+  __shared__ float lse_of[kCastTile];
+  __shared__ float factor_of[kCastTile];
+  __shared__ int64_t target_of[kCastTile];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kCastTile;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCastTile;
+  if (threadIdx.x < kCastTile) {
+    const int64_t row = row0 + threadIdx.x;
+    float lse = 0.f, factor = 0.f;
+    int64_t target = -1;
+    if (row < rows) {
+      target = targets[row];
+      const bool kept = target != ignore_index;
+      const bool in_range = target >= 0 && target < cols;
+      // loss = lse - s[target] in the forward, so lse = loss + s[target]; the target is
+      // used as an address only when it is in range.
+      lse = row_loss[row] + (in_range ? capped(load_float(logits + row * ld + target), p) : 0.f);
+      factor = !kept ? 0.f : (in_range ? row_factor[row * factor_stride] : NAN);
+    }
+    lse_of[threadIdx.x] = lse;
+    factor_of[threadIdx.x] = factor;
+    target_of[threadIdx.x] = target;
+  }
+  __syncthreads();
+  const int tx = threadIdx.x % kCastTile;
+  const int ty = threadIdx.x / kCastTile;
+  for (int r = ty; r < kCastTile; r += kCastThreads / kCastTile) {
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + tx;
+    uint8_t q = 0;
+    if (row < rows && col < cols) {
+      const float s = capped(load_float(logits + row * ld + col), p);
+      const float prob = __expf(s - lse_of[r]);
+      const float g = (prob - (col == target_of[r] ? 1.f : 0.f)) * capped_derivative(s, p) * factor_of[r];
+      const float g_bf16 = __bfloat162float(__float2bfloat16_rn(g));
+      q = to_fp8<true>(__bfloat162float(__float2bfloat16_rn(g_bf16 * grad_scale)));
+      g8[row * g8_ld + col] = q;
+    }
+    tile[r][tx] = q;
+  }
+  __syncthreads();
+  store_transposed(tile, row0, col0, rows, cols, g8t, g8t_ld);
+}
+
+
+// ---- Host side ------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled from the driver, fetched through the runtime, so the extension
+// needs no -lcuda at link time.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* entry = nullptr;
+    cudaDriverEntryPointQueryResult query = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault, &query);
+    if (err == cudaSuccess && query == cudaDriverEntryPointSuccess) fn = reinterpret_cast<EncodeTiledFn>(entry);
+  });
+  TORCH_CHECK(fn != nullptr, "fp8_gemm: cuTensorMapEncodeTiled is not available from the CUDA driver");
+  return fn;
+}
+
+int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
+
+// The tensor map of a K-major fp8 operand: `rows` rows of `k` logical bytes, `row_bytes`
+// apart; boxes of kBK bytes x box_rows rows, 128-byte swizzle, zero fill out of bounds.
+CUtensorMap operand_map(const at::Tensor& t, int64_t k, int box_rows) {
+  const int64_t rows = t.size(0);
+  const int64_t row_bytes = t.stride(0);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+              "fp8_gemm: TMA needs 16-byte aligned operands");
+  TORCH_CHECK(row_bytes % 16 == 0, "fp8_gemm: TMA needs a row stride that is a multiple of 16 bytes, got ",
+              row_bytes);
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, t.data_ptr(), dims, strides, box,
+                                      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "fp8_gemm: cuTensorMapEncodeTiled failed with error ", static_cast<int>(res));
+  return map;
+}
+
+template <bool kAE5M2, typename OutT>
+void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, float alpha, at::Tensor& c) {
+  const int M = static_cast<int>(a.size(0));
+  const int N = static_cast<int>(b.size(0));
+  const CUtensorMap map_a = operand_map(a, k, kBM);
+  const CUtensorMap map_b = operand_map(b, k, kBN);
+  auto kernel = fp8_gemm_kernel<kAE5M2, OutT>;
+  // Per device and cheap: set on every launch rather than caching per process.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  const int64_t tiles = ((M + kBM - 1) / kBM) * static_cast<int64_t>((N + kBN - 1) / kBN);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int grid = static_cast<int>(std::min<int64_t>(tiles, sms));
+  const bool vector_ok = c.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 8 == 0;
+  kernel<<<grid, kThreads, kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
+      map_a, map_b, reinterpret_cast<OutT*>(c.data_ptr()), M, N, static_cast<int>(k), c.stride(0), alpha,
+      vector_ok);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool is_fp8(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat8_e4m3fn || t.scalar_type() == at::kFloat8_e5m2;
+}
+
+CapParams make_cap_params(double cap, int64_t kind, double scale) {
+  CapParams p{};
+  p.kind = static_cast<int>(kind);
+  p.cap = static_cast<float>(cap);
+  p.inv_cap = static_cast<float>(1.0 / cap);
+  p.inv_scale = static_cast<float>(1.0 / scale);
+  return p;
+}
+
+// Row-major fp8 [rows, round_up16(cols)] and, if asked, the transpose [cols, round_up16(rows)]:
+// padded row strides keep TMA's 16-byte rule for any shape (the pads are never read).
+std::tuple<at::Tensor, at::Tensor> fp8_buffers(int64_t rows, int64_t cols, at::ScalarType type, bool transpose,
+                                               const at::TensorOptions& options) {
+  at::Tensor q = at::empty({rows, round_up16(cols)}, options.dtype(type));
+  at::Tensor qt = transpose ? at::empty({cols, round_up16(rows)}, options.dtype(type)) : at::empty({0}, options.dtype(type));
+  return {q, qt};
+}
+
+dim3 tile_grid(int64_t rows, int64_t cols) {
+  const int64_t row_tiles = (rows + kCastTile - 1) / kCastTile;
+  const int64_t col_tiles = (cols + kCastTile - 1) / kCastTile;
+  TORCH_CHECK(row_tiles < (int64_t(1) << 31) && col_tiles <= 65535, "fp8 cast: shape too large");
+  return dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+}
+
+}  // namespace
+
+// (q, qt): q = fp8(src * scale) [R, pad16(C)], qt its transpose [C, pad16(R)] or [0].
+std::tuple<at::Tensor, at::Tensor> fp8_cast(const at::Tensor& src, double scale, bool e5m2, bool transpose) {
+  TORCH_CHECK(src.is_cuda() && src.dim() == 2 && src.stride(1) == 1,
+              "fp8_cast: src must be a 2-D CUDA tensor with unit column stride");
+  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kBFloat16 ||
+                  src.scalar_type() == at::kHalf,
+              "fp8_cast: src must be float32, bfloat16 or float16, got ", src.scalar_type());
+  const c10::cuda::CUDAGuard guard(src.device());
+  const int64_t rows = src.size(0), cols = src.size(1);
+  auto [q, qt] = fp8_buffers(rows, cols, e5m2 ? at::kFloat8_e5m2 : at::kFloat8_e4m3fn, transpose, src.options());
+  if (src.numel() == 0) return {q, qt};
+  const dim3 grid = tile_grid(rows, cols);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  uint8_t* dst = reinterpret_cast<uint8_t*>(q.data_ptr());
+  uint8_t* dst_t = transpose ? reinterpret_cast<uint8_t*>(qt.data_ptr()) : nullptr;
+  const int64_t dst_t_ld = transpose ? qt.stride(0) : 0;
+  auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const T* s = reinterpret_cast<const T*>(src.data_ptr());
+    if (e5m2) {
+      cast_fp8_kernel<T, true><<<grid, kCastThreads, 0, stream>>>(s, rows, cols, src.stride(0), static_cast<float>(scale),
+                                                                  dst, q.stride(0), dst_t, dst_t_ld);
+    } else {
+      cast_fp8_kernel<T, false><<<grid, kCastThreads, 0, stream>>>(s, rows, cols, src.stride(0), static_cast<float>(scale),
+                                                                   dst, q.stride(0), dst_t, dst_t_ld);
+    }
+  };
+  switch (src.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: run(at::BFloat16{}); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {q, qt};
+}
+
+// c[M, N] = alpha * a[:, :k] . b[:, :k]^T in bf16 (or fp32 if out_fp32); a e4m3/e5m2 [M, >= k],
+// b e4m3 [N, >= k], both with unit column stride and 16-byte aligned rows.
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, double alpha, bool out_fp32) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.device() == b.device(), "fp8_gemm: a and b must be on one CUDA device");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1,
+              "fp8_gemm: a and b must be 2-D with unit column stride");
+  TORCH_CHECK(is_fp8(a) && b.scalar_type() == at::kFloat8_e4m3fn,
+              "fp8_gemm: a must be float8_e4m3fn or float8_e5m2 and b float8_e4m3fn, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  TORCH_CHECK(k >= 1 && k <= a.size(1) && k <= b.size(1), "fp8_gemm: k must be in [1, min(a.size(1), b.size(1))]");
+  TORCH_CHECK(a.size(0) >= 1 && b.size(0) >= 1 && a.size(0) < (int64_t(1) << 31) &&
+                  b.size(0) < (int64_t(1) << 31) && k < (int64_t(1) << 31),
+              "fp8_gemm: M, N and K must be in [1, 2**31)");
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor c = at::empty({a.size(0), b.size(0)}, a.options().dtype(out_fp32 ? at::kFloat : at::kBFloat16));
+  const bool a_e5m2 = a.scalar_type() == at::kFloat8_e5m2;
+  const float f = static_cast<float>(alpha);
+  if (a_e5m2 && out_fp32) launch_gemm<true, float>(a, b, k, f, c);
+  else if (a_e5m2) launch_gemm<true, __nv_bfloat16>(a, b, k, f, c);
+  else if (out_fp32) launch_gemm<false, float>(a, b, k, f, c);
+  else launch_gemm<false, __nv_bfloat16>(a, b, k, f, c);
+  return c;
+}
+
+// (g8, g8t): the e5m2 gradient of the softcapped cross-entropy w.r.t. the bf16 logits,
+// times grad_scale, row-major [N, pad16(V)] and transposed [V, pad16(N)].
+std::tuple<at::Tensor, at::Tensor> fp8_ce_grad_e5m2(const at::Tensor& logits, const at::Tensor& targets,
+                                                    const at::Tensor& row_loss, const at::Tensor& row_factor,
+                                                    double cap, int64_t kind, double scale, int64_t ignore_index,
+                                                    double grad_scale) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.stride(1) == 1 &&
+                  logits.scalar_type() == at::kBFloat16,
+              "fp8_ce_grad_e5m2: logits must be a 2-D bf16 CUDA tensor with unit column stride");
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  TORCH_CHECK(targets.is_cuda() && targets.dim() == 1 && targets.size(0) == rows,
+              "fp8_ce_grad_e5m2: targets must be a CUDA tensor of shape [N]");
+  TORCH_CHECK(row_loss.is_cuda() && row_loss.scalar_type() == at::kFloat && row_loss.numel() == rows,
+              "fp8_ce_grad_e5m2: row_loss must be fp32 [N]");
+  TORCH_CHECK(row_factor.is_cuda() && row_factor.scalar_type() == at::kFloat &&
+                  (row_factor.numel() == 1 || row_factor.numel() == rows),
+              "fp8_ce_grad_e5m2: row_factor must be fp32 with 1 or N elements");
+  TORCH_CHECK(kind == kNone || kind == kTanh || kind == kSigmoid, "fp8_ce_grad_e5m2: bad kind ", kind);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto [g8, g8t] = fp8_buffers(rows, cols, at::kFloat8_e5m2, true, logits.options());
+  if (logits.numel() == 0) return {g8, g8t};
+  const at::Tensor targets64 = targets.to(at::kLong).contiguous();
+  const at::Tensor loss = row_loss.contiguous();
+  const at::Tensor factor = row_factor.contiguous();
+  ce_grad_e5m2_kernel<<<tile_grid(rows, cols), kCastThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const at::BFloat16*>(logits.data_ptr()), rows, cols, logits.stride(0),
+      targets64.data_ptr<int64_t>(), loss.data_ptr<float>(), factor.data_ptr<float>(),
+      factor.numel() == 1 ? 0 : 1, ignore_index, make_cap_params(cap, kind, scale), static_cast<float>(grad_scale),
+      reinterpret_cast<uint8_t*>(g8.data_ptr()), g8.stride(0), reinterpret_cast<uint8_t*>(g8t.data_ptr()),
+      g8t.stride(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {g8, g8t};
+}
+
+}  // namespace speedrun
