@@ -73,8 +73,9 @@ def md5_of(path: Path) -> str:
 class _ArraysOnly(pickle.Unpickler):
     """An unpickler that rebuilds numpy arrays and plain containers and refuses anything else."""
 
+    # _codecs.encode: how a Python 3 protocol-2 pickle spells an array's raw bytes (str -> bytes).
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -127,7 +128,11 @@ def ensure_cifar10(cache_dir: str | Path | None = None, *, url: str = URL, md5: 
     if not (tarball.is_file() and md5_of(tarball) == md5):
         partial = folder / f".{TARBALL}.partial-{os.getpid()}"
         try:
-            fetch(url, partial)
+            try:
+                fetch(url, partial)
+            except OSError as error:  # urllib's URLError/HTTPError are OSErrors
+                raise RuntimeError(f"could not download CIFAR-10 from {url} ({error}); without network access, "
+                                   f"copy {TARBALL} (md5 {md5}) into {folder} by hand") from error
             found = md5_of(partial)
             if found != md5:
                 raise ValueError(f"CIFAR-10 download from {url} has md5 {found}, expected {md5}: the file is "

@@ -112,20 +112,24 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
         description="Train the CIFAR-10 speedrun network (the airbench94_muon recipe) --runs times and report "
                     "each run's TTA accuracy and time, their mean/std, and a one-sided t-test of mean > 94%%. "
                     "A preset sets the defaults; any option overrides.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Defaults shown are the record preset's; --preset smoke changes: "
+               + ", ".join(f"{k}={v}" for k, v in PRESETS["smoke"].items()) + ".")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
                         help="record: the record's configuration; smoke: tiny widths (16,32,32), 4 epochs on 2,000 "
                              "synthetic images, 2 runs (a CPU runs it in a minute or two)")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{field.metadata['help']} (default: {field.default})")
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
             choices = {"data": ("synthetic", "cifar10"), "tta_level": (0, 1, 2),
                        "dtype": ("auto", "float16", "bfloat16", "float32"),
                        "device": ("auto", "cuda", "cpu")}.get(field.name)
-            parser.add_argument(flag, type=kind, default=None, choices=choices, help=field.metadata["help"])
+            parser.add_argument(flag, type=kind, default=None, choices=choices,
+                                help=field.metadata["help"] + ("" if field.default is None else
+                                                               f" (default: {field.default})"))
     args = parser.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != "preset"}}
     return TrainConfig(**values), args.preset
@@ -195,9 +199,10 @@ class FilterMuon(torch.optim.Optimizer):
             torch._foreach_mul_(buffers, momentum)
             torch._foreach_add_(buffers, grads)
             updates = torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
-            norms = torch.stack(torch._foreach_norm(params))
-            targets = torch.tensor([math.sqrt(len(p)) for p in params], dtype=norms.dtype, device=norms.device)
-            torch._foreach_mul_(params, list((targets / norms).unbind()))
+            # p *= sqrt(out) / ||p||, rounded as the record's `sqrt(out) / p.norm()` (a reciprocal, then a scalar product).
+            scales = torch._foreach_reciprocal(torch._foreach_norm(params))
+            torch._foreach_mul_(scales, [math.sqrt(len(p)) for p in params])
+            torch._foreach_mul_(params, scales)
             with label("newton_schulz"):
                 orthogonal = self.orthogonalize([u.reshape(len(u), -1) for u in updates], self.ns_steps)
             # bf16 -> the parameter's dtype is exact at these magnitudes; the add rounds once, as the record's.
