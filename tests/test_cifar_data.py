@@ -3,6 +3,7 @@ network), the restricted unpickler, the synthetic set, and the augmentations che
 against an independent (numpy) reflect-pad crop."""
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -216,3 +217,17 @@ def test_later_epochs_need_epoch_zero_and_batches_cover_a_permutation():
     labels = torch.cat([b[1] for b in batches])
     assert torch.equal(labels, order[:28]) and len(set(order.tolist())) == 30
     assert torch.equal(torch.cat([b[0] for b in batches]), images[labels])  # labels are image indices here
+
+
+def test_the_trainer_reads_cifar10_from_the_cache_folder(tmp_path, fake_cifar):
+    from speedrun.cifar import train
+
+    tarball, md5, _ = fake_cifar
+    data.ensure_cifar10(tmp_path / "cache", url=tarball.as_uri(), md5=md5)  # 15 train, 6 test images
+    run_dir = tmp_path / "run"
+    assert train.main(["--data", "cifar10", "--data-dir", str(tmp_path / "cache"), "--device", "cpu", "--runs", "1",
+                       "--epochs", "1", "--batch-size", "5", "--widths", "4,4,4", "--whiten-images", "15",
+                       "--run-dir", str(run_dir)]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["data"] == "CIFAR-10" and len(results["runs"][0]["epochs"]) == 1
+    assert "SYNTHETIC" not in (run_dir / "log.txt").read_text()
