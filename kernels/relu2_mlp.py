@@ -210,7 +210,8 @@ def _num_programs(device: torch.device) -> int:
 def _tma_aligned(t: torch.Tensor) -> bool:
     """TMA needs a 16-byte aligned base, 16-byte aligned row strides and unit inner stride."""
     size = t.element_size()
-    return t.stride(-1) == 1 and (t.data_ptr() % 16 == 0) and (t.stride(0) * size) % 16 == 0
+    return (t.stride(-1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
+            and (t.stride(0) * size) % 16 == 0)
 
 
 def tma_available(device: torch.device) -> bool:
@@ -228,15 +229,17 @@ def choose_variant(tensors, device: torch.device) -> str:
 
 
 def gemm_nt(a: torch.Tensor, b: torch.Tensor, epilogue: int = EPI_NONE, aux: torch.Tensor | None = None,
-            *, variant: str | None = None) -> torch.Tensor:
+            *, variant: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """C = epilogue(a @ b^T) for a [M, K], b [N, K] (unit stride along K), C [M, N] in a's dtype.
 
     aux [M, N] (unit inner stride) is read by EPI_RELU2_BWD only.  `variant` forces "tma"
-    or "pointer" (tests); None picks by feature detection.
+    or "pointer" (tests); None picks by feature detection.  `out` (tests: poisoned
+    buffers) receives C instead of a new tensor.
     """
     m, k = a.shape
     n = b.shape[0]
-    c = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    c = torch.empty((m, n), device=a.device, dtype=a.dtype) if out is None else out
+    assert c.shape == (m, n) and c.dtype == a.dtype and c.stride(-1) == 1
     if epilogue == EPI_RELU2_BWD:
         assert aux is not None and aux.shape == (m, n) and aux.stride(-1) == 1
     operands = [a, b, c] + ([aux] if aux is not None else [])
