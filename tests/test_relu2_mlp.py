@@ -379,3 +379,64 @@ def test_gpu_compiled_model_mlp_with_inductor():
     inputs = mlp_inputs((2, 512), 768, 3072, dtype=torch.bfloat16, device="cuda")
     compiled = torch.compile(kernels.relu2_mlp, fullgraph=True)
     assert_identical(forward_backward(compiled, inputs, seed=1), forward_backward(kernels.relu2_mlp, inputs, seed=1))
+
+
+# ---- bench/bench_relu2_mlp.py: the parts that run without a GPU ---------------------------
+
+def test_bench_flops_and_cli():
+    from bench import bench_relu2_mlp as b
+    assert b.flops(49152, 768, 3072, "fwd+bwd") == 12 * 49152 * 768 * 3072 == 1_391_569_403_904
+    assert b.flops(65536, 768, 3072, "fwd") == 4 * 65536 * 768 * 3072
+    with pytest.raises(ValueError):
+        b.flops(1, 1, 1, "bwd")
+    args = b.parse_args([])
+    assert (args.m, args.d, args.h, args.modes) == ([49152, 65536], 768, 3072, ["fwd+bwd", "fwd"])
+    assert args.impls == list(b.IMPLEMENTATIONS)
+    with pytest.raises(SystemExit):
+        b.parse_args(["--m", "0"])
+
+
+def test_bench_run_shape_checks_times_and_records(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+
+    def wrong(x, w_fc, w_proj):
+        return b.record_mlp(x, w_fc, w_proj) * 1.5
+
+    monkeypatch.setattr(b, "mlp_functions", lambda impls: {
+        "torch-eager": b.record_mlp, "wrong": wrong, "missing": "triton is not installed"})
+    timed = []
+
+    def fake_timer(step):
+        step()
+        timed.append(step)
+        return 4.0  # ms, made up
+
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp", title="t", out_root=tmp_path,
+                           metadata={"device_slug": "fake"}, ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    b.run_shape(run, m=37, d=48, h=80, modes=b.MODES, impls=["torch-eager", "wrong", "missing"],
+                timer=fake_timer, device="cpu")
+    entries = {(e.params.get("mode"), e.impl): e for e in run.entries}
+    assert len(run.entries) == 6 and len(timed) == 4
+    for mode in b.MODES:
+        eager = entries[mode, "torch-eager"]
+        assert eager.checks["ok"] and eager.checks["y_rel_err"] == 0.0
+        assert ("dw_proj_rel_err" in eager.checks) == (mode == "fwd+bwd")
+        assert eager.value == pytest.approx(b.flops(37, 48, 80, mode) / 4e-3 / 1e12)
+        assert eager.fraction_of_ceiling == pytest.approx(eager.value / 800.0)
+        assert entries[mode, "wrong"].checks["ok"] is False
+        assert entries[mode, "missing"].error == "triton is not installed"
+
+
+def test_bench_without_gpu_exits_0():
+    import os
+    import subprocess
+    import sys
+    from bench import harness
+    done = subprocess.run([sys.executable, "-m", "bench.bench_relu2_mlp", "--quick"], cwd=harness.REPO_ROOT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert harness.NO_GPU_MESSAGE in done.stdout
