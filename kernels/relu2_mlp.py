@@ -139,7 +139,7 @@ def _gemm_nt_tma_kernel(
     a_desc, b_desc, c_desc, aux_desc, M, N, K,
     EPILOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """The pointer kernel's contract through TMA descriptors.
 
@@ -153,7 +153,8 @@ def _gemm_nt_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -177,8 +178,12 @@ def _gemm_nt_tma_kernel(
 
 # Interpreter tiles: small, so awkward test shapes span several tiles, partial tiles and
 # K steps, and few programs, so each walks several tiles (the persistent loop is exercised).
-_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2,
+                           FLATTEN=False, WARP_SPECIALIZE=False)
 _INTERPRETER_PROGRAMS = 3
+CONFIG_KEYS = tuple(_INTERPRETER_CONFIG)
+
+_config_override: dict = {}
 
 
 def kernel_config(dtype: torch.dtype, device: torch.device) -> dict:
@@ -186,13 +191,36 @@ def kernel_config(dtype: torch.dtype, device: torch.device) -> dict:
 
     16-bit: 128 x 256 x 64 tiles, 8 warps (two consumer warpgroups, 128 fp32 accumulator
     registers per thread), 3 stages of A/B tiles = 144 KiB of shared memory plus the
-    32 KiB epilogue buffer.  fp32 (exact, non-tf32 dots): 128 x 128 x 32.
+    32 KiB epilogue buffer; the tile loop flattened into the K loop so the next tile's
+    loads overlap this tile's epilogue.  fp32 (exact, non-tf32 dots): 128 x 128 x 32.
+    WARP_SPECIALIZE (TMA variant only; Triton ignores it on a flattened loop) is the
+    alternative schedule `bench_relu2_mlp --sweep` compares.  `tile_config` overrides.
     """
     if device.type != "cuda":
-        return dict(_INTERPRETER_CONFIG)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        config = dict(_INTERPRETER_CONFIG)
+    elif dtype == torch.float32:
+        config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
+                      FLATTEN=True, WARP_SPECIALIZE=False)
+    else:
+        config = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                      FLATTEN=True, WARP_SPECIALIZE=False)
+    config.update(_config_override)
+    return config
+
+
+@contextlib.contextmanager
+def tile_config(**overrides):
+    """Override kernel_config's keys (BLOCK_M, ..., num_stages, FLATTEN, WARP_SPECIALIZE)
+    for the launches inside the block: the bench's config sweep, tests."""
+    global _config_override
+    unknown = set(overrides) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown tile_config keys {sorted(unknown)}; known: {CONFIG_KEYS}")
+    previous, _config_override = _config_override, {**_config_override, **overrides}
+    try:
+        yield
+    finally:
+        _config_override = previous
 
 
 _sm_counts: dict[int, int] = {}
@@ -249,14 +277,15 @@ def gemm_nt(a: torch.Tensor, b: torch.Tensor, epilogue: int = EPI_NONE, aux: tor
     programs = min(_num_programs(a.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
     common = dict(EPILOGUE=epilogue, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["GROUP_M"],
-                  NUM_PROGRAMS=programs, FLATTEN=a.device.type == "cuda",
+                  NUM_PROGRAMS=programs, FLATTEN=config["FLATTEN"],
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
     if variant == "tma":
         a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
         b_desc = TensorDescriptor.from_tensor(b, [bn, bk])
         c_desc = TensorDescriptor.from_tensor(c, [bm, bn // 2])
         aux_desc = TensorDescriptor.from_tensor(aux, [bm, bn // 2]) if aux is not None else c_desc
-        _gemm_nt_tma_kernel[(programs,)](a_desc, b_desc, c_desc, aux_desc, m, n, k, **common)
+        _gemm_nt_tma_kernel[(programs,)](a_desc, b_desc, c_desc, aux_desc, m, n, k,
+                                         WARP_SPECIALIZE=config["WARP_SPECIALIZE"], **common)
     elif variant == "pointer":
         aux_arg = aux if aux is not None else c
         _gemm_nt_pointer_kernel[(programs,)](

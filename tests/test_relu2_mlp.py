@@ -205,6 +205,20 @@ def test_gemm_variants_write_every_element(variant, epilogue, m, n, k, dtype, in
     assert rel_err(out, gemm_oracle(a, b, epilogue, aux)) < TOL[dtype]
 
 
+def test_tile_config_overrides_and_restores(interpreter_device):
+    a = torch.randn(37, 40, dtype=torch.float32, device=interpreter_device)
+    b = torch.randn(50, 40, dtype=torch.float32, device=interpreter_device)
+    default = mlp.kernel_config(a.dtype, a.device)
+    with mlp.tile_config(BLOCK_M=32, BLOCK_N=16, GROUP_M=1):
+        assert mlp.kernel_config(a.dtype, a.device)["BLOCK_M"] == 32
+        c = mlp.gemm_nt(a, b, mlp.EPI_RELU2)
+    assert mlp.kernel_config(a.dtype, a.device) == default
+    assert rel_err(c, gemm_oracle(a, b, mlp.EPI_RELU2, None)) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="unknown tile_config keys"):
+        with mlp.tile_config(BLOCK_Q=1):
+            pass
+
+
 def test_variant_choice_by_feature_detection(interpreter_device):
     a = torch.randn(8, 48, dtype=torch.float16)
     assert not mlp.tma_available(torch.device("cpu"))
@@ -310,7 +324,7 @@ def _hopper_specs():
         config = mlp.kernel_config(torch_dtype, torch.device("cuda"))
         bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
         shared = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
-                  "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132, "FLATTEN": True}
+                  "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132, "FLATTEN": config["FLATTEN"]}
         for epilogue in epilogues:
             specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_pointer_kernel", "signature": {
                 "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "aux_ptr": f"*{dtype}",
@@ -323,9 +337,13 @@ def _hopper_specs():
                 "a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>",
                 "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>", "aux_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>",
                 "M": "i32", "N": "i32", "K": "i32"},
-                "constexprs": {"EPILOGUE": epilogue, **shared}, "num_warps": config["num_warps"],
-                "divisible_by_16": ["N", "K"]})
-    return specs
+                "constexprs": {"EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"], **shared},
+                "num_warps": config["num_warps"], "divisible_by_16": ["N", "K"]})
+    # The alternative schedule of the sweep: warp-specialized (a TMA producer warp), unflattened.
+    base = next(spec for spec in specs if spec["kernel"] == "_gemm_nt_tma_kernel"
+                and spec["constexprs"]["EPILOGUE"] == 2 and spec["signature"]["M"] == "i32")  # bf16 comes first
+    ws = dict(base, constexprs={**base["constexprs"], "FLATTEN": False, "WARP_SPECIALIZE": True})
+    return specs + [ws]
 
 
 def test_every_kernel_compiles_for_sm90_with_wgmma():
