@@ -23,6 +23,11 @@ Implementations:
 
 Before timing, each implementation is checked against torch eager (relative Frobenius
 error of y and of each gradient).  `python -m bench.bench_relu2_mlp --help` for options.
+
+`--sweep` instead times the single products at the same shapes -- the fused forward GEMM
+(x W1^T with the relu^2 epilogue), the fused dpre GEMM and the plain y GEMM -- for each
+tile configuration in SWEEP_CONFIGS and both kernel variants, beside cuBLAS on the same
+product: the data for choosing kernels.relu2_mlp's defaults.
 """
 from __future__ import annotations
 
@@ -206,6 +211,78 @@ def run_shape(run: harness.BenchRun, *, m: int, d: int, h: int, modes, impls,
     harness.free_cuda_memory()
 
 
+# ---- config sweep (single products) -------------------------------------------------
+
+SWEEP_CONFIGS = (
+    {},                                                  # the default: 128x256x64, 8 warps, 3 stages
+    {"num_stages": 4},
+    {"BLOCK_M": 256, "BLOCK_N": 128},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
+    {"GROUP_M": 16},
+    {"FLATTEN": False},
+    {"FLATTEN": False, "WARP_SPECIALIZE": True},
+)
+
+
+def config_label(config: dict, variant: str | None = None) -> str:
+    parts = [f"{key}={value}" for key, value in config.items()] or ["default"]
+    return " ".join(["ours", *parts, *([variant] if variant else [])])
+
+
+def sweep_products(x, w_fc, w_proj, upstream):
+    """name -> (torch_fn, our_fn(variant), (m, n, k)) for the three products the kernel serves."""
+    module = importlib.import_module("kernels.relu2_mlp")
+    h = module.gemm_nt(x, w_fc, module.EPI_RELU2)
+    w_proj_t = w_proj.T.contiguous()
+    (m, d), hidden = x.shape, w_fc.shape[0]
+    return {
+        "fwd relu2 GEMM": (lambda: torch.relu(x @ w_fc.T).square(),
+                           lambda variant: module.gemm_nt(x, w_fc, module.EPI_RELU2, variant=variant),
+                           (m, hidden, d)),
+        "bwd dpre GEMM": (lambda: 2 * (upstream @ w_proj) * torch.sqrt(h),
+                          lambda variant: module.gemm_nt(upstream, w_proj_t, module.EPI_RELU2_BWD, h, variant=variant),
+                          (m, hidden, d)),
+        "plain y GEMM": (lambda: h @ w_proj.T,
+                         lambda variant: module.gemm_nt(h, w_proj, variant=variant),
+                         (m, d, hidden)),
+    }
+
+
+def run_sweep(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[[Callable], float],
+              device, configs=SWEEP_CONFIGS) -> None:
+    """Time each product on cuBLAS (plus torch's pointwise ops where there is an epilogue) and
+    on our kernel under every config (TMA variant where available) and the default pointer one."""
+    module = importlib.import_module("kernels.relu2_mlp")
+    x, w_fc, w_proj, upstream = make_inputs(m, d, h, device)
+    for name, (torch_fn, our_fn, (pm, pn, pk)) in sweep_products(x, w_fc, w_proj, upstream).items():
+        case = f"{name} M={pm} N={pn} K={pk}"
+        common = dict(ceiling=harness.BF16_MATMUL, flops=2 * pm * pn * pk,
+                      params={"product": name, "m": pm, "n": pn, "k": pk, "dtype": "bfloat16"})
+        expected = torch_fn()
+        trials = [("torch (cuBLAS + pointwise)", {}, None, torch_fn)]
+        trials += [(config_label(config), config, None, our_fn) for config in configs]
+        trials.append((config_label({}, "pointer"), {}, "pointer", our_fn))
+        for label, config, variant, fn in trials:
+            def step(fn=fn, config=config, variant=variant):
+                if fn is torch_fn:
+                    return fn()
+                with module.tile_config(**config):
+                    return fn(variant)
+            try:
+                error = relative_error(step(), expected)
+                ms = timer(step)
+            except Exception as exc:  # a config that does not fit (shared memory, registers)
+                run.add(harness.failed(case, label, harness.describe_error(exc), **common))
+                continue
+            finally:
+                harness.free_cuda_memory()
+            run.add(harness.measured(case, label, ms, ceilings=run.ceilings, **common,
+                                     checks={"rel_err": error, "ok": error <= TOL}))
+    del x, w_fc, w_proj, upstream
+    harness.free_cuda_memory()
+
+
 # ---- command line --------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -229,6 +306,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="implementations to compare (default: %(default)s)")
     parser.add_argument("--out", default=str(harness.DEFAULT_OUT), metavar="DIR",
                         help="results root; files go to DIR/<device-slug>/ (default: bench/results)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the single products per tile config (SWEEP_CONFIGS) and variant "
+                             "against cuBLAS instead of the implementations; writes relu2_mlp_sweep.*")
     parser.add_argument("--quick", action="store_true",
                         help=f"short timing windows (warm-up {harness.QUICK_TIMING.warmup_ms:g} ms, "
                              f"{harness.QUICK_TIMING.rep_ms:g} ms of runs): a smoke run, noisier numbers")
@@ -251,6 +331,15 @@ def main(argv=None) -> int:
     if not harness.cuda_available_or_explain():
         return 0
     timing = harness.QUICK_TIMING if args.quick else harness.FULL_TIMING
+    if args.sweep:
+        run = harness.start_run(f"{OP}_sweep", title=f"ReLU^2 MLP products per tile config, bf16, D={args.d}, "
+                                f"H={args.h}", out_root=args.out, timing=timing, notes=NOTES[:1],
+                                extra_metadata={"tol": TOL})
+        for m in args.m:
+            run_sweep(run, m=m, d=args.d, h=args.h, timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
+        run.finish()
+        print(f"wrote {run.json_path}, {run.md_path.name}, {run.png_path.name}")
+        return 0
     run = harness.start_run(
         OP, title=f"ReLU^2 MLP, bf16, D={args.d}, H={args.h}", out_root=args.out, timing=timing, notes=NOTES,
         extra_metadata={"kernels_backends": _backends_summary(), "tol": TOL})

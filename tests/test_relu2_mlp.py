@@ -469,3 +469,23 @@ def test_bench_without_gpu_exits_0():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert harness.NO_GPU_MESSAGE in done.stdout
+
+
+def test_bench_sweep_records_every_product_and_config(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp_sweep", title="t", out_root=tmp_path,
+                           metadata={"device_slug": "fake"}, ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    configs = ({}, {"GROUP_M": 1}, {"BLOCK_Q": 3})  # the last one is refused: an error entry, not a crash
+    b.run_sweep(run, m=37, d=48, h=80, timer=lambda step: (step(), 1.0)[1], device="cpu", configs=configs)
+    assert len(run.entries) == 3 * (1 + len(configs) + 1)
+    assert [e.impl for e in run.entries[:5]] == ["torch (cuBLAS + pointwise)", "ours default", "ours GROUP_M=1",
+                                                 "ours BLOCK_Q=3", "ours default pointer"]
+    assert {e.params["product"] for e in run.entries} == {"fwd relu2 GEMM", "bwd dpre GEMM", "plain y GEMM"}
+    for entry in run.entries:
+        assert (entry.error is None) == ("BLOCK_Q" not in entry.impl), entry
+        assert entry.work == {"flops": 2 * 37 * 48 * 80}
+        if entry.impl.startswith("torch"):
+            assert entry.checks["ok"] and entry.checks["rel_err"] == 0.0
