@@ -1,30 +1,78 @@
-"""relu2_mlp and linear_relu2: the public ops against the reference on the CPU, every error
-path, compile tracing and backend routing.
+"""relu2_mlp and linear_relu2: the Triton kernels (interpreter on CPU, real Triton on a GPU)
+against the float64 reference, both kernel variants (TMA descriptors and plain pointers)
+with poisoned outputs, the custom-op plumbing (autograd, fake impls, compile), backend
+routing, every error path, and the ahead-of-time Hopper compile of every kernel.
 
-No fast kernel exists yet, so on the CPU the public ops must be the reference exactly
-(bitwise) under every backend setting.  The reference itself is checked in
-tests/test_reference.py.
+Tolerances, relative (Frobenius) error against the float64 reference.  The kernels
+accumulate in fp32 and round once per stored tensor; the forward rounds the
+pre-activation, h and y, the backward dpre and each gradient, so an output carries a few
+half-ulps of its dtype: fp16 (2**-11 ~ 4.9e-4) -> 3e-3; fp32 (the dots run in exact fp32,
+~1e-7 per rounding) -> 2e-5.  bf16 is checked on a GPU only (the interpreter's bf16
+arithmetic is wrong, DESIGN.md §4): 2**-8 ~ 3.9e-3 -> 2.5e-2.
 """
+import importlib
+import re
+
 import pytest
 import torch
 
 import kernels
 from kernels import reference
-from tests.helpers import BACKENDS, assert_identical, forward_backward
+from tests.helpers import BACKENDS, assert_identical, forward_backward, rel_err
+from tests.hopper_aot import compile_for_hopper
+
+mlp = importlib.import_module("kernels.relu2_mlp")  # the module: kernels.relu2_mlp is the function
+
+TOL = {torch.float16: 3e-3, torch.float32: 2e-5, torch.bfloat16: 2.5e-2}
 
 
-def mlp_inputs(lead=(3, 13), d=45, h=83, dtype=torch.bfloat16, seed=0):
+def mlp_inputs(lead=(3, 13), d=45, h=83, dtype=torch.bfloat16, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, d, generator=gen).to(dtype)
     w_fc = (torch.randn(h, d, generator=gen) * d**-0.5).to(dtype)
     w_proj = (torch.randn(d, h, generator=gen) * h**-0.5).to(dtype)
-    return x, w_fc, w_proj
+    return x.to(device), w_fc.to(device), w_proj.to(device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def upstream_for(op, inputs, seed=1):
+    """A fixed standard-normal dL/d(out) in the inputs' dtype, drawn on the CPU (the same
+    values as tests.helpers.forward_backward's default) and moved to the inputs' device."""
+    shape = getattr(reference, op)(*[t.detach().to("meta") for t in inputs]).shape
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(inputs[0].dtype)
+    return upstream.to(inputs[0].device)
+
+
+def fwd_bwd(fn, op, inputs, seed=1):
+    """(out, *grads) of fn (which computes op) on any device."""
+    return forward_backward(fn, inputs, upstream_for(op, inputs, seed))
+
+
+def float64_oracle(op, inputs, seed=1):
+    """(out, *grads) of the reference on float64 copies, from the same upstream gradient."""
+    upstream = upstream_for(op, inputs, seed).double()
+    return forward_backward(getattr(reference, op), [t.detach().double() for t in inputs], upstream)
+
+
+def assert_close_to_oracle(fn, inputs, backend="triton", seed=1):
+    with kernels.use_backend(backend):
+        result = fwd_bwd(fn, fn.__name__, inputs, seed=seed)
+    expected = float64_oracle(fn.__name__, inputs, seed=seed)
+    names = ["out"] + [f"grad{i}" for i in range(len(inputs))]
+    for name, got, want, given in zip(names, result, expected, [None, *inputs]):
+        assert got.dtype == inputs[0].dtype and got.shape == want.shape, name
+        if given is not None:
+            assert got.shape == given.shape, name
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, want) < TOL[inputs[0].dtype], name
+    return result
+
+
+# ---- routing on the CPU: auto, cuda (no CUDA kernel: falls back to auto) and reference ----
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("lead", [(37,), (3, 13), ()])
-def test_relu2_mlp_is_the_reference_under_every_backend(backend, dtype, lead):
+def test_relu2_mlp_on_cpu_is_the_reference_unless_triton_is_asked_for(backend, dtype, lead):
     x, w_fc, w_proj = mlp_inputs(lead, dtype=dtype)
     with kernels.use_backend(backend):
         result = forward_backward(kernels.relu2_mlp, [x, w_fc, w_proj], seed=1)
@@ -32,27 +80,20 @@ def test_relu2_mlp_is_the_reference_under_every_backend(backend, dtype, lead):
     assert result[0].shape == x.shape
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_linear_relu2_is_the_reference_under_every_backend(backend, dtype):
-    x, w, _ = mlp_inputs(dtype=dtype)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_linear_relu2_on_cpu_is_the_reference_unless_triton_is_asked_for(backend):
+    x, w, _ = mlp_inputs(dtype=torch.float16)
     with kernels.use_backend(backend):
         result = forward_backward(kernels.linear_relu2, [x, w], seed=1)
     assert_identical(result, forward_backward(reference.linear_relu2, [x, w], seed=1))
     assert result[0].shape == (3, 13, 83)
 
 
-def test_strided_rows_are_fine():
-    x, w_fc, w_proj = mlp_inputs()
-    x = x[:, ::2]  # strided leading dims, unit stride along D
-    assert not x.is_contiguous()
-    assert torch.equal(kernels.relu2_mlp(x, w_fc, w_proj), reference.relu2_mlp(x, w_fc, w_proj))
-
-
-def test_backend_report_says_reference_everywhere():
+def test_backend_report():
     for op in ("relu2_mlp", "linear_relu2"):
-        assert kernels.backends()["ops"][op] == {
-            "kernels": [], "on_cuda_tensors": "reference", "on_cpu_tensors": "reference"}
+        entry = kernels.backends()["ops"][op]
+        assert entry["kernels"] == ["triton"]
+        assert entry["on_cuda_tensors"] == "triton" and entry["on_cpu_tensors"] == "reference"
 
 
 def test_meta_tensors_at_the_speedrun_shapes():
@@ -63,20 +104,171 @@ def test_meta_tensors_at_the_speedrun_shapes():
     assert kernels.linear_relu2(x, w_fc).shape == (1, 48 * 1024, 3072)
 
 
-# aot_eager runs the same ATen ops as eager, so traced and eager results are bitwise equal.
+# ---- the Triton kernels through the public ops, against float64 -------------------------
+# (37,) x D=48 x H=80: no dim a multiple of the interpreter's 16 x 32 tiles in M or N,
+# TMA-aligned rows; (3, 13) x 45 x 83: odd everything, 3-D input as the GPT passes it.
 
-def test_relu2_mlp_compiles_with_fullgraph_and_matches_eager():
+SHAPES = [((37,), 48, 80), ((3, 13), 45, 83), ((1,), 16, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,d,h", SHAPES)
+def test_triton_relu2_mlp_matches_float64(dtype, lead, d, h, interpreter_device):
+    inputs = mlp_inputs(lead, d, h, dtype=dtype, device=interpreter_device)
+    assert_close_to_oracle(kernels.relu2_mlp, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_relu2_mlp_with_triton_plain_products(dtype, interpreter_device):
+    inputs = mlp_inputs((37,), 48, 80, dtype=dtype, device=interpreter_device)
+    with mlp.plain_gemm("triton"):
+        assert_close_to_oracle(kernels.relu2_mlp, inputs)
+    assert mlp._plain_gemm == "cublas"  # restored
+    with pytest.raises(ValueError, match="name must be one of"):
+        with mlp.plain_gemm("cutlass"):
+            pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,d,h", SHAPES[:2])
+def test_triton_linear_relu2_matches_float64(dtype, lead, d, h, interpreter_device):
+    x, w, _ = mlp_inputs(lead, d, h, dtype=dtype, device=interpreter_device)
+    assert_close_to_oracle(kernels.linear_relu2, [x, w])
+
+
+def test_triton_strided_rows(interpreter_device):
+    x, w_fc, w_proj = mlp_inputs((6, 13), 48, 80, dtype=torch.float16, device=interpreter_device)
+    x = x[::2]  # strided leading dim, unit stride along D
+    assert not x.is_contiguous()
+    assert_close_to_oracle(kernels.relu2_mlp, [x, w_fc, w_proj])
+
+
+def test_triton_negative_preactivations_pass_no_gradient(interpreter_device):
+    # Every pre-activation <= 0: h = 0, y = 0, and no gradient reaches x or w_fc.
+    x, w_fc, w_proj = mlp_inputs((37,), 48, 80, dtype=torch.float16, device=interpreter_device)
+    x, w_fc = x.abs(), -w_fc.abs()
+    with kernels.use_backend("triton"):
+        out, dx, dw_fc, dw_proj = fwd_bwd(kernels.relu2_mlp, "relu2_mlp", [x, w_fc, w_proj])
+    assert (out == 0).all() and (dx == 0).all() and (dw_fc == 0).all() and (dw_proj == 0).all()
+
+
+def test_triton_weights_only_and_no_grad(interpreter_device):
+    x, w_fc, w_proj = mlp_inputs((37,), 48, 80, dtype=torch.float32, device=interpreter_device)
+    w_fc, w_proj = w_fc.clone().requires_grad_(), w_proj.clone().requires_grad_()
+    with kernels.use_backend("triton"):
+        kernels.relu2_mlp(x, w_fc, w_proj).square().sum().backward()
+        with torch.no_grad():
+            y = kernels.relu2_mlp(x, w_fc, w_proj)
+    x64 = x.double()
+    w_fc64, w_proj64 = w_fc.detach().double().requires_grad_(), w_proj.detach().double().requires_grad_()
+    y64 = reference.relu2_mlp(x64, w_fc64, w_proj64)
+    y64.square().sum().backward()
+    assert not y.requires_grad and rel_err(y, y64) < TOL[torch.float32]
+    assert rel_err(w_fc.grad, w_fc64.grad) < TOL[torch.float32]
+    assert rel_err(w_proj.grad, w_proj64.grad) < TOL[torch.float32]
+
+
+# ---- the GEMM kernel itself: both variants, every epilogue, poisoned outputs -------------
+
+def gemm_oracle(a, b, epilogue, aux):
+    """float64 of what each epilogue computes (EPI_RELU2 rounds the product first, as eager)."""
+    product = a.double() @ b.double().T
+    if epilogue == mlp.EPI_RELU2:
+        return product.to(a.dtype).double().clamp_min(0).square()
+    if epilogue == mlp.EPI_RELU2_BWD:
+        return 2 * product * aux.double().sqrt()
+    return product
+
+
+# (M, N, K): none a multiple of the 16 x 32 interpreter tiles; K = 40 is not a multiple of
+# BLOCK_K = 16 (masked K tail); 45 and 33 make rows unaligned, so only the pointer variant.
+GEMM_SHAPES = [(37, 80, 48), (37, 80, 40), (5, 33, 45)]
+
+
+@pytest.mark.parametrize("epilogue", [mlp.EPI_NONE, mlp.EPI_RELU2, mlp.EPI_RELU2_BWD])
+@pytest.mark.parametrize("variant,m,n,k", [("pointer", *shape) for shape in GEMM_SHAPES]
+                         + [("tma", *shape) for shape in GEMM_SHAPES[:2]])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemm_variants_write_every_element(variant, epilogue, m, n, k, dtype, interpreter_device):
+    gen = torch.Generator().manual_seed(m + n + k)
+    a = torch.randn(m, k, generator=gen).to(dtype).to(interpreter_device)
+    b = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(interpreter_device)
+    aux = torch.randn(m, n, generator=gen).clamp_min(0).square().to(dtype).to(interpreter_device)
+    aux = aux if epilogue == mlp.EPI_RELU2_BWD else None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=interpreter_device)
+    assert mlp.choose_variant([a, b, out], interpreter_device) == "pointer" or a.is_cuda  # interpreter: pointer
+    if variant == "tma":  # forced, as on a GPU where the operands are 16-byte aligned
+        assert all(mlp._tma_aligned(t) for t in (a, b, out))
+    result = mlp.gemm_nt(a, b, epilogue, aux, variant=variant, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.isfinite(out).all(), "an output element was not written"
+    assert rel_err(out, gemm_oracle(a, b, epilogue, aux)) < TOL[dtype]
+
+
+def test_tile_config_overrides_and_restores(interpreter_device):
+    a = torch.randn(37, 40, dtype=torch.float32, device=interpreter_device)
+    b = torch.randn(50, 40, dtype=torch.float32, device=interpreter_device)
+    default = mlp.kernel_config(a.dtype, a.device)
+    with mlp.tile_config(BLOCK_M=32, BLOCK_N=16, GROUP_M=1):
+        assert mlp.kernel_config(a.dtype, a.device)["BLOCK_M"] == 32
+        c = mlp.gemm_nt(a, b, mlp.EPI_RELU2)
+    assert mlp.kernel_config(a.dtype, a.device) == default
+    assert rel_err(c, gemm_oracle(a, b, mlp.EPI_RELU2, None)) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="unknown tile_config keys"):
+        with mlp.tile_config(BLOCK_Q=1):
+            pass
+
+
+def test_variant_choice_by_feature_detection(interpreter_device):
+    a = torch.randn(8, 48, dtype=torch.float16)
+    assert not mlp.tma_available(torch.device("cpu"))
+    assert mlp.choose_variant([a], torch.device("cpu")) == "pointer"  # the interpreter's path
+    assert mlp._tma_aligned(a)
+    assert not mlp._tma_aligned(torch.randn(8, 45, dtype=torch.float16))      # 90-byte rows
+    assert not mlp._tma_aligned(torch.randn(8, 49, dtype=torch.float16)[:, 1:])  # base off 16 B
+    assert not mlp._tma_aligned(torch.randn(1, 48, dtype=torch.float16).expand(8, 48))  # stride 0
+    with pytest.raises(ValueError, match="variant must be one of"):
+        mlp.gemm_nt(a, a, variant="wgmma")
+
+
+# ---- custom ops: compile, fake impls ---------------------------------------------------
+
+def test_relu2_mlp_compiles_with_fullgraph_and_matches_eager(interpreter_device):
+    # aot_eager runs the same kernels as eager, so traced and eager results are bitwise equal.
     compiled = torch.compile(kernels.relu2_mlp, backend="aot_eager", fullgraph=True)
-    x, w_fc, w_proj = mlp_inputs()
-    assert_identical(forward_backward(compiled, [x, w_fc, w_proj], seed=1),
-                     forward_backward(kernels.relu2_mlp, [x, w_fc, w_proj], seed=1))
+    inputs = mlp_inputs((3, 13), 48, 80, dtype=torch.float16, device=interpreter_device)
+    with kernels.use_backend("triton"):
+        assert_identical(fwd_bwd(compiled, "relu2_mlp", inputs), fwd_bwd(kernels.relu2_mlp, "relu2_mlp", inputs))
 
 
-def test_linear_relu2_compiles_with_fullgraph_and_matches_eager():
+def test_linear_relu2_compiles_with_fullgraph_and_matches_eager(interpreter_device):
     compiled = torch.compile(kernels.linear_relu2, backend="aot_eager", fullgraph=True)
-    x, w, _ = mlp_inputs()
-    assert_identical(forward_backward(compiled, [x, w], seed=1),
-                     forward_backward(kernels.linear_relu2, [x, w], seed=1))
+    x, w, _ = mlp_inputs((37,), 48, 80, dtype=torch.float16, device=interpreter_device)
+    with kernels.use_backend("triton"):
+        assert_identical(fwd_bwd(compiled, "linear_relu2", [x, w]),
+                         fwd_bwd(kernels.linear_relu2, "linear_relu2", [x, w]))
+
+
+def test_reference_path_compiles_too():
+    compiled = torch.compile(kernels.relu2_mlp, backend="aot_eager", fullgraph=True)
+    inputs = mlp_inputs()
+    assert_identical(forward_backward(compiled, inputs, seed=1),
+                     forward_backward(kernels.relu2_mlp, inputs, seed=1))
+
+
+def test_fake_impls_give_shapes_without_running():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(4096, 768, dtype=torch.bfloat16)
+        w_fc = torch.empty(3072, 768, dtype=torch.bfloat16)
+        w_proj = torch.empty(768, 3072, dtype=torch.bfloat16)
+        y, h = torch.ops.kernels.relu2_mlp_forward(x, w_fc, w_proj, "cublas")
+        dx, dw_fc, dw_proj = torch.ops.kernels.relu2_mlp_backward(y, x, w_fc, w_proj, h, "triton")
+        h1 = torch.ops.kernels.linear_relu2_forward(x, w_fc)
+        dx1, dw1 = torch.ops.kernels.linear_relu2_backward(h1, x, w_fc, h1)
+    assert y.shape == (4096, 768) and h.shape == h1.shape == (4096, 3072) and y.dtype == torch.bfloat16
+    assert dx.shape == dx1.shape == x.shape and dw_fc.shape == dw1.shape == w_fc.shape
+    assert dw_proj.shape == w_proj.shape
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -120,3 +312,180 @@ def test_linear_relu2_bad_arguments_raise_naming_them(make_args, exc, match):
     x, w, _ = mlp_inputs()
     with pytest.raises(exc, match=match):
         kernels.linear_relu2(*make_args(x, w))
+
+
+# ---- ahead-of-time compilation for Hopper ------------------------------------------------
+
+def _hopper_specs():
+    """Every kernel x epilogue in bf16 at the GPU config, plus fp16 and fp32 (exact dots)."""
+    specs = []
+    for dtype, torch_dtype, epilogues in (("bf16", torch.bfloat16, (0, 1, 2)), ("fp16", torch.float16, (1, 2)),
+                                          ("fp32", torch.float32, (1,))):
+        config = mlp.kernel_config(torch_dtype, torch.device("cuda"))
+        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        shared = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
+                  "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132, "FLATTEN": config["FLATTEN"]}
+        for epilogue in epilogues:
+            specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_pointer_kernel", "signature": {
+                "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "aux_ptr": f"*{dtype}",
+                "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32",
+                "stride_auxm": "i32"},
+                "constexprs": {"EPILOGUE": epilogue, "EVEN_K": True, **shared}, "num_warps": config["num_warps"],
+                "divisible_by_16": ["a_ptr", "b_ptr", "c_ptr", "aux_ptr", "N", "K", "stride_am", "stride_bn",
+                                    "stride_cm", "stride_auxm"]})
+            specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "signature": {
+                "a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>",
+                "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>", "aux_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>",
+                "M": "i32", "N": "i32", "K": "i32"},
+                "constexprs": {"EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"], **shared},
+                "num_warps": config["num_warps"], "divisible_by_16": ["N", "K"]})
+    # The alternative schedule of the sweep: warp-specialized (a TMA producer warp), unflattened.
+    base = next(spec for spec in specs if spec["kernel"] == "_gemm_nt_tma_kernel"
+                and spec["constexprs"]["EPILOGUE"] == 2 and spec["signature"]["M"] == "i32")  # bf16 comes first
+    ws = dict(base, constexprs={**base["constexprs"], "FLATTEN": False, "WARP_SPECIALIZE": True})
+    return specs + [ws]
+
+
+def test_every_kernel_compiles_for_sm90_with_wgmma():
+    specs = _hopper_specs()
+    for spec, compiled in zip(specs, compile_for_hopper(specs)):
+        ptx = compiled["ptx"]
+        assert compiled["cubin_bytes"] > 0 and ".target sm_90" in ptx, spec
+        if spec["constexprs"]["DOT_PRECISION"] == "ieee":
+            continue  # exact fp32 dots are FMA loops by design: no tensor-core instruction to find
+        assert "wgmma.mma_async" in ptx, spec  # Hopper warpgroup MMA, not the mma.sync fallback
+        if spec["kernel"] == "_gemm_nt_tma_kernel":
+            assert "cp.async.bulk.tensor" in ptx, spec  # TMA loads/stores
+        else:
+            # 16-byte asynchronous global -> shared copies (cp.async, size operand 0x10)
+            assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx), spec
+
+
+# ---- GPU: bf16 at model-like shapes (skipped without a GPU) ------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plain", mlp.PLAIN_GEMMS)
+@pytest.mark.parametrize("lead,d,h", [((4, 1024 + 17), 768, 3072), ((999,), 200, 328), ((77,), 45, 83)])
+def test_gpu_bf16_relu2_mlp_matches_float64(plain, lead, d, h):
+    inputs = mlp_inputs(lead, d, h, dtype=torch.bfloat16, device="cuda")
+    with mlp.plain_gemm(plain):
+        ours = assert_close_to_oracle(kernels.relu2_mlp, inputs)
+    # And no less accurate than eager bf16 (the record's formulation), up to 10 %.
+    eager = fwd_bwd(reference.relu2_mlp, "relu2_mlp", inputs)
+    oracle = float64_oracle("relu2_mlp", inputs)
+    for got, base, want in zip(ours, eager, oracle):
+        assert rel_err(got, want) <= 1.1 * rel_err(base, want) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", mlp.VARIANTS)
+@pytest.mark.parametrize("epilogue", [mlp.EPI_NONE, mlp.EPI_RELU2, mlp.EPI_RELU2_BWD])
+def test_gpu_bf16_gemm_variants(variant, epilogue):
+    if variant == "tma" and not mlp.tma_available(torch.device("cuda")):
+        pytest.skip("no TMA descriptors on this GPU/Triton")
+    m, n, k = 1000, 776, 776  # partial tiles in M and N, a K tail past BLOCK_K = 64
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).bfloat16().cuda()
+    b = (torch.randn(n, k, generator=gen) * k**-0.5).bfloat16().cuda()
+    aux = torch.randn(m, n, generator=gen).clamp_min(0).square().bfloat16().cuda()
+    aux = aux if epilogue == mlp.EPI_RELU2_BWD else None
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    mlp.gemm_nt(a, b, epilogue, aux, variant=variant, out=out)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, gemm_oracle(a, b, epilogue, aux)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_tma_for_the_speedrun_shapes():
+    x, w_fc, w_proj = mlp_inputs((2, 64), 768, 3072, dtype=torch.bfloat16, device="cuda")
+    expected = "tma" if mlp.tma_available(x.device) else "pointer"
+    assert mlp.choose_variant([x.reshape(-1, 768), w_fc, w_proj], x.device) == expected
+    assert kernels.backends()["ops"]["relu2_mlp"]["on_cuda_tensors"] == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_model_mlp_with_inductor():
+    inputs = mlp_inputs((2, 512), 768, 3072, dtype=torch.bfloat16, device="cuda")
+    compiled = torch.compile(kernels.relu2_mlp, fullgraph=True)
+    assert_identical(fwd_bwd(compiled, "relu2_mlp", inputs), fwd_bwd(kernels.relu2_mlp, "relu2_mlp", inputs))
+
+
+# ---- bench/bench_relu2_mlp.py: the parts that run without a GPU ---------------------------
+
+def test_bench_flops_and_cli():
+    from bench import bench_relu2_mlp as b
+    assert b.flops(49152, 768, 3072, "fwd+bwd") == 12 * 49152 * 768 * 3072 == 1_391_569_403_904
+    assert b.flops(65536, 768, 3072, "fwd") == 4 * 65536 * 768 * 3072
+    with pytest.raises(ValueError):
+        b.flops(1, 1, 1, "bwd")
+    args = b.parse_args([])
+    assert (args.m, args.d, args.h, args.modes) == ([49152, 65536], 768, 3072, ["fwd+bwd", "fwd"])
+    assert args.impls == list(b.IMPLEMENTATIONS)
+    with pytest.raises(SystemExit):
+        b.parse_args(["--m", "0"])
+
+
+def test_bench_run_shape_checks_times_and_records(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+
+    def wrong(x, w_fc, w_proj):
+        return b.record_mlp(x, w_fc, w_proj) * 1.5
+
+    monkeypatch.setattr(b, "mlp_functions", lambda impls: {
+        "torch-eager": b.record_mlp, "wrong": wrong, "missing": "triton is not installed"})
+    timed = []
+
+    def fake_timer(step):
+        step()
+        timed.append(step)
+        return 4.0  # ms, made up
+
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp", title="t", out_root=tmp_path,
+                           metadata={"device_slug": "fake"}, ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    b.run_shape(run, m=37, d=48, h=80, modes=b.MODES, impls=["torch-eager", "wrong", "missing"],
+                timer=fake_timer, device="cpu")
+    entries = {(e.params.get("mode"), e.impl): e for e in run.entries}
+    assert len(run.entries) == 6 and len(timed) == 4
+    for mode in b.MODES:
+        eager = entries[mode, "torch-eager"]
+        assert eager.checks["ok"] and eager.checks["y_rel_err"] == 0.0
+        assert ("dw_proj_rel_err" in eager.checks) == (mode == "fwd+bwd")
+        assert eager.value == pytest.approx(b.flops(37, 48, 80, mode) / 4e-3 / 1e12)
+        assert eager.fraction_of_ceiling == pytest.approx(eager.value / 800.0)
+        assert entries[mode, "wrong"].checks["ok"] is False
+        assert entries[mode, "missing"].error == "triton is not installed"
+
+
+def test_bench_without_gpu_exits_0():
+    import os
+    import subprocess
+    import sys
+    from bench import harness
+    done = subprocess.run([sys.executable, "-m", "bench.bench_relu2_mlp", "--quick"], cwd=harness.REPO_ROOT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert harness.NO_GPU_MESSAGE in done.stdout
+
+
+def test_bench_sweep_records_every_product_and_config(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp_sweep", title="t", out_root=tmp_path,
+                           metadata={"device_slug": "fake"}, ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    configs = ({}, {"GROUP_M": 1}, {"BLOCK_Q": 3})  # the last one is refused: an error entry, not a crash
+    b.run_sweep(run, m=37, d=48, h=80, timer=lambda step: (step(), 1.0)[1], device="cpu", configs=configs)
+    assert len(run.entries) == 3 * (1 + len(configs) + 1)
+    assert [e.impl for e in run.entries[:5]] == ["torch (cuBLAS + pointwise)", "ours default", "ours GROUP_M=1",
+                                                 "ours BLOCK_Q=3", "ours default pointer"]
+    assert {e.params["product"] for e in run.entries} == {"fwd relu2 GEMM", "bwd dpre GEMM", "plain y GEMM"}
+    for entry in run.entries:
+        assert (entry.error is None) == ("BLOCK_Q" not in entry.impl), entry
+        assert entry.work == {"flops": 2 * 37 * 48 * 80}
+        if entry.impl.startswith("torch"):
+            assert entry.checks["ok"] and entry.checks["rel_err"] == 0.0
