@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from bench import harness
+from speedrun.gpt import baseline
 
 OP = "newton_schulz"
 NS5 = (3.4445, -4.7750, 2.0315)
@@ -84,19 +85,8 @@ def flops(groups, steps: int, *, symmetric: bool) -> int:
 
 # ---- implementations -----------------------------------------------------------------
 
-def torch_newton_schulz(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """The records' NS (modded-nanogpt's zeropower_via_newtonschulz5), batched over leading dims."""
-    a, b, c = NS5
-    X = G.bfloat16()
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    return X.mT if tall else X
+# The records' NS in plain PyTorch: the one the GPT trainer's `--kernels off` runs.
+torch_newton_schulz = baseline.newton_schulz5
 
 
 def _ours() -> Callable | str:

@@ -48,8 +48,13 @@ def setup(device_kind: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
-def teardown() -> None:
+def teardown(*, clean: bool) -> None:
+    """Leave the process group.  After a clean run the ranks first meet at a barrier (a rank
+    tearing down while its peer still talks to it can abort in gloo's transport threads);
+    after an error they do not, so a crash on one rank cannot hang the others here."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

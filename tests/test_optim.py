@@ -149,6 +149,7 @@ def _join_gloo_and_run(rank, port, worker, args):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         worker(rank, *args)
+        dist.barrier()  # leave together: a rank tearing down under its peer can abort in gloo
     finally:
         dist.destroy_process_group()
 

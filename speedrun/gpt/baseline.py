@@ -108,7 +108,8 @@ def record_head_loss(x, weight, targets, *, x_scale, w_scale, grad_scale, cap, s
 
 # ---- Newton-Schulz: plain PyTorch matmuls ------------------------------------------
 
-def _newton_schulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
+def newton_schulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """The records' NS (modded-nanogpt's zeropower_via_newtonschulz5), batched over leading dims."""
     a, b, c = (3.4445, -4.7750, 2.0315)
     X = G.bfloat16()
     tall = G.size(-2) > G.size(-1)
@@ -124,10 +125,10 @@ def _newton_schulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
 
 @functools.cache
 def _compiled_newton_schulz5():
-    return torch.compile(_newton_schulz5)
+    return torch.compile(newton_schulz5)
 
 
 def record_newton_schulz(stack: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The record's NS5 (torch.compile'd on CUDA, eager on CPU where compiling costs more than it saves)."""
-    fn = _compiled_newton_schulz5() if stack.is_cuda else _newton_schulz5
+    fn = _compiled_newton_schulz5() if stack.is_cuda else newton_schulz5
     return fn(stack, steps)

@@ -165,10 +165,13 @@ def evaluate(model, folder: Path, cfg: TrainConfig, ctx: distributed.Dist, block
 def main(argv=None) -> int:
     cfg, preset = parse_args(argv)
     ctx = distributed.setup(cfg.device)
+    clean = False
     try:
-        return train(cfg, preset, ctx)
+        status = train(cfg, preset, ctx)
+        clean = True
+        return status
     finally:
-        distributed.teardown()
+        distributed.teardown(clean=clean)
 
 
 def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
