@@ -155,6 +155,12 @@ def test_loader_runs_out_with_a_clear_error(tmp_path):
     assert loader.state_dict() == state  # a failed call does not move the position
 
 
+@pytest.mark.parametrize("batch", [1, 16, 17, 31, 32, 33, 79])  # around shard lengths minus 1 and 2
+def test_batches_per_pass_counts_what_the_loader_serves(tmp_path, batch):
+    loader = TokenLoader(make_shards(tmp_path, SIZES), batch)
+    assert loader.batches_per_pass() == len(drain(loader))
+
+
 def test_loader_wraps_and_counts_epochs(tmp_path):
     loader = TokenLoader(make_shards(tmp_path, SIZES), 16, wrap=True)
     first_pass = [loader.next_batch()[0] for _ in range(14)]

@@ -199,6 +199,17 @@ def test_corrupt_shard_gives_a_clear_error(tmp_path):
         run_train(tmp_path, "--steps", "2", "--data", str(data))
 
 
+def test_val_split_too_short_fails_before_training(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    tokens = lambda n: torch.randint(0, 50257, (n,), dtype=torch.int32).to(torch.uint16)  # noqa: E731
+    fineweb.write_shard(data / "fineweb_train_000001.bin", tokens(5000))
+    fineweb.write_shard(data / "fineweb_val_000000.bin", tokens(1000))  # serves 3 passes of 256
+    with pytest.raises(ValueError, match=r"--val-tokens 1,024 needs 4 passes .* serve 3: use --val-tokens 768"):
+        run_train(tmp_path, "--steps", "2", "--data", str(data), "--val-tokens", "1024")
+    assert [m["event"] for m in metrics(tmp_path / "run")] == ["start"]  # not one step trained
+
+
 def test_profile_writes_its_outputs(tmp_path):
     run_dir = run_train(tmp_path, "--steps", "6", "--val-every", "0", "--profile", "--profile-steps", "2:4")
     profile = run_dir / "profile"

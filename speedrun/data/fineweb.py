@@ -182,6 +182,12 @@ class TokenLoader:
     def _serves(self, shard: int, pos: int) -> bool:
         return pos + self.global_batch_tokens + 1 < self.lengths[shard]
 
+    def batches_per_pass(self) -> int:
+        """How many batches one pass over all shards serves (from the headers alone)."""
+        # Shard of length L serves pos = 0, G, 2G, ... while pos + G + 1 < L.
+        G = self.global_batch_tokens
+        return sum((length - G - 2) // G + 1 for length in self.lengths if length > G + 1)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         shard, pos, epoch = self.shard, self.pos, self.epoch
         while not self._serves(shard, pos):

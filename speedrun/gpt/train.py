@@ -147,11 +147,23 @@ def data_files(cfg: TrainConfig) -> tuple[Path, float | None]:
     return folder, synthetic.entropy_rate_of(folder)
 
 
-def evaluate(model, folder: Path, cfg: TrainConfig, ctx: distributed.Dist, blocks: int) -> float:
-    """Mean loss over the first val_tokens of the validation shards, all ranks together."""
+def val_loader(folder: Path, cfg: TrainConfig, ctx: distributed.Dist) -> fineweb.TokenLoader:
+    """The validation loader; fails at start-up, not at the first validation, if the val
+    shards cannot serve --val-tokens."""
     loader = fineweb.TokenLoader.from_pattern(folder, split="val", global_batch_tokens=ctx.world_size * cfg.val_seq_len,
                                               rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
-    passes = cfg.val_tokens // (ctx.world_size * cfg.val_seq_len)
+    passes, available = cfg.val_tokens // loader.global_batch_tokens, loader.batches_per_pass()
+    if passes > available:
+        raise ValueError(f"--val-tokens {cfg.val_tokens:,} needs {passes} passes of {loader.global_batch_tokens:,} "
+                         f"tokens, but the val shards in {folder} serve {available}: use --val-tokens "
+                         f"{available * loader.global_batch_tokens:,} or less (or a smaller --val-seq-len)")
+    return loader
+
+
+def evaluate(model, folder: Path, cfg: TrainConfig, ctx: distributed.Dist, blocks: int) -> float:
+    """Mean loss over the first val_tokens of the validation shards, all ranks together."""
+    loader = val_loader(folder, cfg, ctx)
+    passes = cfg.val_tokens // loader.global_batch_tokens
     model.eval()
     total = torch.zeros((), device=ctx.device)
     with torch.no_grad():
@@ -181,6 +193,7 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     log = runlog.RunLog(run_dir, enabled=ctx.is_main)
     log.header(dataclasses.asdict(cfg), runlog.environment(), ablation.describe(chosen, FAMILIES))
     folder, entropy_rate = data_files(cfg)
+    val_loader(folder, cfg, ctx)  # a val split too short for --val-tokens fails here, before training
 
     # ---- model and optimizers
     torch.manual_seed(cfg.seed)
