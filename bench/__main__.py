@@ -55,10 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the benches and exit")
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="run only this bench (e.g. softcap_ce); repeat for several")
-    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), metavar="DIR",
-                        help="results root (default: bench/results)")
-    parser.add_argument("--quick", action="store_true",
-                        help="short timing windows: a smoke run with noisier numbers")
+    harness.add_suite_options(parser)  # passed on to every bench
     return parser.parse_args(argv)
 
 

@@ -258,9 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what to measure (default: both)")
     parser.add_argument("--gemm-impls", nargs="+", choices=GEMM_IMPLS, default=list(GEMM_IMPLS))
     parser.add_argument("--head-impls", nargs="+", choices=HEAD_IMPLS, default=list(HEAD_IMPLS))
-    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), metavar="DIR",
-                        help="results root (default: bench/results)")
-    parser.add_argument("--quick", action="store_true", help="short timing windows (smoke run)")
+    harness.add_suite_options(parser)
     args = parser.parse_args(argv)
     if any(m <= 0 for m in args.m):
         parser.error("--m must be positive")
@@ -271,7 +269,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not harness.cuda_available_or_explain():
         return 0
-    timing = harness.QUICK_TIMING if args.quick else harness.FULL_TIMING
+    timing = harness.timing_for(args.quick)
     run = harness.start_run(OP, title="FP8 LM head: GEMMs and head + softcap loss", out_root=args.out,
                             timing=timing, notes=NOTES)
     timer = lambda fn: harness.time_ms(fn, timing)  # noqa: E731
@@ -281,7 +279,6 @@ def main(argv=None) -> int:
         if "head" in args.parts:
             run_head(run, m, args.head_impls, timer, "cuda")
     run.finish()
-    print(f"wrote {run.json_path}, {run.md_path.name}, {run.png_path.name}")
     return 0
 
 

@@ -229,11 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cap ours' output tiles (default: the module's choice) for a manual sweep")
     parser.add_argument("--max-tile-k", type=int, choices=(16, 32, 64, 128), default=None,
                         help="cap ours' reduction tile (default: the module's choice)")
-    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), metavar="DIR",
-                        help="results root; files go to DIR/<device-slug>/ (default: bench/results)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"short timing windows (warm-up {harness.QUICK_TIMING.warmup_ms:g} ms, "
-                             f"{harness.QUICK_TIMING.rep_ms:g} ms of runs): a smoke run, noisier numbers")
+    harness.add_suite_options(parser)
     return parser.parse_args(argv)
 
 
@@ -261,7 +257,7 @@ def main(argv=None) -> int:
         ns_module._MAX_TILE = args.max_tile
     if args.max_tile_k is not None:
         ns_module._MAX_TILE_K = args.max_tile_k
-    timing = harness.QUICK_TIMING if args.quick else harness.FULL_TIMING
+    timing = harness.timing_for(args.quick)
     run = harness.start_run(
         OP, title="Newton-Schulz on one Muon step's matrices, bf16 iteration",
         out_root=args.out, timing=timing, notes=NOTES,
@@ -271,7 +267,6 @@ def main(argv=None) -> int:
     for set_name in args.sets:
         run_set(run, set_name, args.impls, timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
     run.finish()
-    print(f"wrote {run.json_path}, {run.md_path.name}, {run.png_path.name}")
     return 0
 
 

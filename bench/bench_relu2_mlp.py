@@ -304,14 +304,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS + OPTIONAL_IMPLEMENTATIONS,
                         default=list(IMPLEMENTATIONS),
                         help="implementations to compare (default: %(default)s)")
-    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), metavar="DIR",
-                        help="results root; files go to DIR/<device-slug>/ (default: bench/results)")
+    harness.add_suite_options(parser)
     parser.add_argument("--sweep", action="store_true",
                         help="time the single products per tile config (SWEEP_CONFIGS) and variant "
                              "against cuBLAS instead of the implementations; writes relu2_mlp_sweep.*")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"short timing windows (warm-up {harness.QUICK_TIMING.warmup_ms:g} ms, "
-                             f"{harness.QUICK_TIMING.rep_ms:g} ms of runs): a smoke run, noisier numbers")
     args = parser.parse_args(argv)
     if any(m <= 0 for m in args.m) or args.d <= 0 or args.h <= 0:
         parser.error("--m, --d and --h must be positive")
@@ -330,7 +326,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not harness.cuda_available_or_explain():
         return 0
-    timing = harness.QUICK_TIMING if args.quick else harness.FULL_TIMING
+    timing = harness.timing_for(args.quick)
     if args.sweep:
         run = harness.start_run(f"{OP}_sweep", title=f"ReLU^2 MLP products per tile config, bf16, D={args.d}, "
                                 f"H={args.h}", out_root=args.out, timing=timing, notes=NOTES[:1],
@@ -338,7 +334,6 @@ def main(argv=None) -> int:
         for m in args.m:
             run_sweep(run, m=m, d=args.d, h=args.h, timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
         run.finish()
-        print(f"wrote {run.json_path}, {run.md_path.name}, {run.png_path.name}")
         return 0
     run = harness.start_run(
         OP, title=f"ReLU^2 MLP, bf16, D={args.d}, H={args.h}", out_root=args.out, timing=timing, notes=NOTES,
@@ -347,7 +342,6 @@ def main(argv=None) -> int:
         run_shape(run, m=m, d=args.d, h=args.h, modes=args.modes, impls=args.impls,
                   timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
     run.finish()
-    print(f"wrote {run.json_path}, {run.md_path.name}, {run.png_path.name}")
     return 0
 
 

@@ -249,9 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="fwd+bwd (training, the headline) and/or fwd (default: both)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
                         help="implementations to compare (default: all)")
-    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), metavar="DIR",
-                        help="results root; files go to DIR/<device-slug>/ (default: bench/results)")
-    parser.add_argument("--quick", action="store_true", help="short timing windows: a smoke run, noisier numbers")
+    harness.add_suite_options(parser)
     args = parser.parse_args(argv)
     if any(t <= 0 for t in args.t) or any(w <= 0 for w in args.windows):
         parser.error("--t and --windows must be positive")
@@ -262,7 +260,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not harness.cuda_available_or_explain():
         return 0
-    timing = harness.QUICK_TIMING if args.quick else harness.FULL_TIMING
+    timing = harness.timing_for(args.quick)
     run = harness.start_run(OP, title="causal + sliding window + document attention, B=1, H=6, D=128, bf16",
                             out_root=args.out, timing=timing, notes=NOTES,
                             extra_metadata={"out_tol": OUT_TOL, "check_rows": CHECK_ROWS})
@@ -271,7 +269,6 @@ def main(argv=None) -> int:
             run_case(run, t=t, window=window, modes=args.modes, impls=args.impls,
                      timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
     run.finish()
-    print(f"wrote {run.json_path}, {run.md_path.name}, {run.png_path.name}")
     return 0
 
 

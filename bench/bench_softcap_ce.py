@@ -265,13 +265,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: both)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
                         help="implementations to compare (default: all)")
-    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), metavar="DIR",
-                        help="results root; files go to DIR/<device-slug>/ (default: bench/results)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"short timing windows (warm-up {harness.QUICK_TIMING.warmup_ms:g} ms, "
-                             f"{harness.QUICK_TIMING.rep_ms:g} ms of runs instead of "
-                             f"{harness.FULL_TIMING.warmup_ms:g}/{harness.FULL_TIMING.rep_ms:g}): a "
-                             "smoke run, noisier numbers")
+    harness.add_suite_options(parser)
     args = parser.parse_args(argv)
     if any(n <= 0 for n in args.n) or args.v <= 0:
         parser.error("--n and --v must be positive")
@@ -290,7 +284,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not harness.cuda_available_or_explain():
         return 0
-    timing = harness.QUICK_TIMING if args.quick else harness.FULL_TIMING
+    timing = harness.timing_for(args.quick)
     run = harness.start_run(
         OP, title="softcapped cross-entropy, bf16 logits, cap 30 * sigmoid(z / 7.5)",
         out_root=args.out, timing=timing, notes=NOTES,
@@ -299,7 +293,6 @@ def main(argv=None) -> int:
         run_shape(run, n=n, v=args.v, modes=args.modes, impls=args.impls,
                   timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
     run.finish()
-    print(f"wrote {run.json_path}, {run.md_path.name}, {run.png_path.name}")
     return 0
 
 

@@ -59,6 +59,20 @@ FULL_TIMING = Timing(warmup_ms=200.0, rep_ms=1000.0)
 QUICK_TIMING = Timing(warmup_ms=25.0, rep_ms=100.0)
 
 
+def add_suite_options(parser) -> None:
+    """--out and --quick: the options every bench takes, so `python -m bench` can pass them on."""
+    parser.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
+                        help="results root; files go to DIR/<device-slug>/ (default: bench/results)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"short timing windows (warm-up {QUICK_TIMING.warmup_ms:g} ms, {QUICK_TIMING.rep_ms:g} ms "
+                             f"of runs instead of {FULL_TIMING.warmup_ms:g}/{FULL_TIMING.rep_ms:g}): a smoke run, "
+                             "noisier numbers")
+
+
+def timing_for(quick: bool) -> Timing:
+    return QUICK_TIMING if quick else FULL_TIMING
+
+
 def rotating(fn: Callable, arg_sets: Sequence[tuple]) -> Callable[[], object]:
     """A no-argument callable that calls fn(*arg_sets[0]), fn(*arg_sets[1]), ... cyclically."""
     if len(arg_sets) == 0:
@@ -409,6 +423,7 @@ class BenchRun:
     def finish(self) -> None:
         self.complete = True
         self.save()
+        print(f"wrote {self.json_path}, {self.md_path.name}, {self.png_path.name}")
 
     def to_dict(self) -> dict:
         return _json_safe({
