@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kernels import reference
-from speedrun import optim
+from speedrun import distributed, optim
 
 # A mix of shapes: 3 of one (so 2 ranks get uneven shares), a batched [3, 16, 16] (3 separate
 # matrices), a tall one (scaled by sqrt(rows/cols)) and a single wide one (the second rank's
@@ -147,11 +147,12 @@ def _join_gloo_and_run(rank, port, worker, args):
     torch.set_num_threads(1)  # two processes on a small CPU: no oversubscription
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    clean = False
     try:
         worker(rank, *args)
-        dist.barrier()  # leave together: a rank tearing down under its peer can abort in gloo
+        clean = True
     finally:
-        dist.destroy_process_group()
+        distributed.teardown(clean=clean)
 
 
 def _muon_worker(rank, out_dir):
