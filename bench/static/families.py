@@ -1,0 +1,310 @@
+"""What the static reading compiles: per op family, its kernels at the speedrun's shapes.
+
+Every Triton kernel is given the argument values its launcher passes at those shapes
+(tensors as 16-byte aligned pointers of their dtype, ints and floats as the launcher
+computes them) and the config the op picks on an H100 (the module's own config
+functions), so tests/hopper_aot.py specializes it exactly as the JIT would.  Every CUDA
+kernel is named by the template instance the extension launches there.
+
+The work (bytes the op must move, FLOPs it must do) comes from the benches' own
+formulas (bench/bench_<op>.py), so a static prediction and a measurement share a
+denominator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENS = 48 * 1024  # tokens per GPU per step (DESIGN.md §5)
+V, D, H, HEADS, HEAD_DIM = 50304, 768, 3072, 6, 128
+WINDOW = 1792  # the long window at the end of training
+
+
+@dataclasses.dataclass
+class Kernel:
+    name: str                      # short name in the report
+    role: str                      # what it does in the op, one line
+    backend: str                   # "cuda" or "triton"
+    threads: int | None = None     # CUDA: threads per CTA (Triton: from num_warps)
+    ctas: int = 0                  # CTAs launched at the speedrun's shape
+    source: str | None = None      # CUDA: csrc file
+    symbol: str | None = None      # CUDA: a substring of the mangled name that picks one instance
+    dynamic_smem: int = 0          # CUDA: dynamic shared memory per CTA
+    spec: dict | None = None       # Triton: a tests/hopper_aot.py spec
+    # Per-element reading: ("loops", elements per iteration per thread) or
+    # ("path", elements per thread, {(param ordinal, byte offset): value}).
+    per_element: tuple | None = None
+    elements: int = 0              # elements the kernel processes at the shape (per-element kernels)
+    runs_in_speedrun: bool = True  # False: a fallback (other alignment, other backend)
+
+
+@dataclasses.dataclass
+class Op:
+    stem: str
+    shape: str
+    bytes: int                     # DRAM bytes the op must move
+    flops: int                     # FLOPs it must do (0: bandwidth-bound)
+    flop_kind: str | None          # "bf16" or "fp8": which peak bounds it
+    kernels: list[Kernel]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _bench(stem: str):
+    return importlib.import_module(f"bench.bench_{stem}")
+
+
+def csrc_constants(source: str) -> dict[str, int]:
+    """`constexpr int NAME = EXPR;` of a csrc file, evaluated in order (ints, + - * / only)."""
+    values: dict[str, int] = {}
+    text = (ROOT / "csrc" / source).read_text()
+    for name, expr in re.findall(r"constexpr int (\w+) = ([^;]+);", text):
+        tokens = re.findall(r"\w+|[-+*/()]", expr.split("//")[0])
+        if all(t in values or t.isdigit() or t in "+-*/()" for t in tokens):
+            values[name] = int(eval(" ".join(str(values.get(t, t)) for t in tokens).replace("/", "//"), {}))
+    return values
+
+
+# ---- softcap_ce --------------------------------------------------------------------------
+
+def softcap_ce() -> Op:
+    module = importlib.import_module("kernels.softcap_ce")
+    n, v = TOKENS, V
+    block, warps = module._block_and_warps(v)
+    constants = csrc_constants("softcap_ce.cu")
+    threads = constants["kThreads"]
+    packs = v // 8  # 16-byte packs of 8 bf16
+    loads = -(-packs // threads)
+    # CapParams p (ordinal 6): kind at +0, fixed_reference at +16; need_grad is ordinal 9.
+    sigmoid_path = {(6, 0): 2, (6, 16): 1, (9, 0): 1}
+    forward_args = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
+                    "grad_ptr": "*bf16", "n_cols": v, "logits_row_stride": v, "ignore_index": -100, "cap": 30.0,
+                    "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5, "KIND": module.KIND_CODES["sigmoid"],
+                    "FIXED_REFERENCE": module.fixed_reference(30.0, "sigmoid"), "NEED_GRAD": True, "BLOCK": block}
+    per_thread = block // (32 * warps)
+    return Op("softcap_ce", f"N={n}, V={v}, bf16 logits, sigmoid cap 30 / 7.5, mean",
+              bytes=_bench("softcap_ce").bytes_moved(n, v, "fwd+bwd"), flops=0, flop_kind=None, kernels=[
+        Kernel(f"cuda softcap_ce_cached<bf16,{loads}>", "forward+gradient, row cached in registers (one read)",
+               "cuda", threads=threads, ctas=n, source="softcap_ce.cu",
+               symbol=f"softcap_ce_cached_kernelIN3c108BFloat16ELi{loads}E",
+               per_element=("path", loads * 8, sigmoid_path), elements=n * v),
+        Kernel("cuda softcap_ce_streaming<bf16>", "fallback for misaligned rows / V > 65536: two sweeps",
+               "cuda", threads=threads, ctas=n, source="softcap_ce.cu",
+               symbol="softcap_ce_streaming_kernelIN3c108BFloat16E", per_element=("loops", 1), elements=n * v,
+               runs_in_speedrun=False),
+        Kernel("cuda scale_rows<bf16>", "backward: scales the kept gradient (skipped when the factor is 1)",
+               "cuda", threads=256, ctas=n, source="softcap_ce.cu", symbol="scale_rows_kernelIN3c108BFloat16E"),
+        Kernel("triton _softcap_ce_forward_kernel", "Triton backend: online sum-exp sweep, then gradient sweep",
+               "triton", ctas=n, spec={"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel",
+                                       "args": forward_args, "num_warps": warps},
+               per_element=("loops", per_thread), elements=n * v, runs_in_speedrun=False),
+        Kernel("triton _scale_rows_kernel", "Triton backend: backward scaling", "triton", ctas=n,
+               spec={"module": "kernels.softcap_ce", "kernel": "_scale_rows_kernel", "num_warps": warps,
+                     "args": {"grad_ptr": "*bf16", "factor_ptr": "*fp32", "n_cols": v, "factor_stride": 0,
+                              "BLOCK": block}}, runs_in_speedrun=False),
+    ], notes=[f"the CUDA cached kernel takes V = {v} as {loads} packs of 8 bf16 per thread "
+              f"({packs} packs over {threads} threads)"])
+
+
+# ---- fp8_head ------------------------------------------------------------------------------
+
+def fp8_head() -> Op:
+    bench = _bench("fp8_head")
+    m = TOKENS
+    c = csrc_constants("fp8_head.cu")
+    tiles = triton.cdiv(m, c["kBM"]) * triton.cdiv(V, c["kBN"])
+    gemm = dict(backend="cuda", threads=c["kThreads"], ctas=min(tiles, 132), source="fp8_head.cu",
+                dynamic_smem=c["kSmemBytes"])
+    cast = dict(backend="cuda", threads=c["kCastThreads"], source="fp8_head.cu")
+    cast_ctas = triton.cdiv(m, c["kCastTile"]) * triton.cdiv(V, c["kCastTile"])
+    y_bytes = m * D + V * D + 2 * m * V  # x8, w8 read (1 B per element), bf16 y written
+    return Op("fp8_head", f"y = x8 @ w8^T at M={m}, V={V}, K={D} (e4m3 in, bf16 out); dx, dW alike",
+              bytes=y_bytes, flops=bench.flops(*bench.gemm_shape("y", m)), flop_kind="fp8", kernels=[
+        Kernel("cuda fp8_gemm<e4m3,bf16> (y)", "y GEMM: TMA + wgmma, persistent, 2 consumer warpgroups",
+               symbol="fp8_gemm_kernelILb0E13__nv_bfloat16E", **gemm),
+        Kernel("cuda fp8_gemm<e5m2,bf16> (dx)", "dx GEMM (e5m2 gradient operand)",
+               symbol="fp8_gemm_kernelILb1E13__nv_bfloat16E", **gemm),
+        Kernel("cuda fp8_gemm<e5m2,fp32> (dW)", "dW GEMM, fp32 output", symbol="fp8_gemm_kernelILb1EfE", **gemm),
+        Kernel("cuda cast_fp8<bf16,e4m3>", "x -> x8 and x8^T", symbol="cast_fp8_kernelIN3c108BFloat16ELb0E",
+               ctas=triton.cdiv(m, c["kCastTile"]) * triton.cdiv(D, c["kCastTile"]), **cast),
+        Kernel("cuda ce_grad_e5m2", "loss gradient straight to e5m2 (g8 and g8^T)", symbol="ce_grad_e5m2_kernel",
+               ctas=cast_ctas, **cast),
+        Kernel("triton _fp8_gemm_kernel (y)", "Triton backend y GEMM", "triton",
+               ctas=triton.cdiv(m, 128) * triton.cdiv(V, 128), runs_in_speedrun=False,
+               spec={"module": "kernels.fp8_head", "kernel": "_fp8_gemm_kernel", "num_warps": 8, "num_stages": 3,
+                     "args": {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "M": m, "N": V, "K": D,
+                              "stride_am": D, "stride_bn": D, "stride_cm": V, "alpha": 2.0 ** -10,
+                              "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}}),
+        Kernel("triton _ce_grad_e5m2_kernel", "Triton backend gradient to e5m2", "triton", ctas=cast_ctas,
+               runs_in_speedrun=False,
+               spec={"module": "kernels.fp8_head", "kernel": "_ce_grad_e5m2_kernel", "num_warps": 4,
+                     "args": {"logits_ptr": "*bf16", "targets_ptr": "*i64", "loss_ptr": "*fp32",
+                              "factor_ptr": "*fp32", "g8_ptr": "*u8", "g8t_ptr": "*u8", "n_rows": m, "n_cols": V,
+                              "stride_l": V, "stride_g8": V, "stride_g8t": m, "factor_stride": 0,
+                              "ignore_index": -100, "cap": 30.0, "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5,
+                              "grad_scale": 2.0 ** 19, "KIND": 2, "BLOCK_R": 64, "BLOCK_C": 64}}),
+    ], notes=["bytes and FLOPs are the y GEMM's (the largest output); dx and dW are compute-bound alike"])
+
+
+# ---- newton_schulz -------------------------------------------------------------------------
+
+def newton_schulz() -> Op:
+    ns = importlib.import_module("kernels.newton_schulz")
+    bench = _bench("newton_schulz")
+    groups = bench.gpt_groups()
+    size, width, batch = D, H, 12  # the 12 c_proj weights 768 x 3072: the largest stack
+    n_chunks, rows_per_chunk = ns.norm_chunks(size)
+    chunks = max(16, triton.next_power_of_2(n_chunks))
+    flags = {"BF16": True, "EMULATE_BF16": False}
+    gram, poly, upd = ns.syrk_config(size, width), ns.syrk_config(size, size), ns.update_config(size, width)
+
+    def syrk(source: str, depth: int, has_d: bool, first: bool, cfg: dict, alpha: float, beta: float) -> dict:
+        cfg = dict(cfg)
+        side = triton.cdiv(size, cfg["BLOCK"])
+        return {"module": "kernels.newton_schulz", "kernel": "_syrk_kernel", "num_warps": cfg.pop("num_warps"),
+                "args": {"y_ptr": source, "c_ptr": "*bf16", "d_ptr": "*bf16", "partials_ptr": "*fp32",
+                         "size": size, "depth": depth, "tiles_per_matrix": side * (side + 1) // 2,
+                         "stride_yb": size * depth, "stride_ym": depth, "stride_yk": 1, "alpha": alpha,
+                         "beta": beta, "eps": 1e-7, "n_chunks": n_chunks, "HAS_D": has_d, "SCALE_BY_NORM": first,
+                         "CHUNKS": chunks, **flags, **cfg}}
+
+    def update(source: str, first: bool) -> dict:
+        cfg = dict(upd)
+        tiles_n = triton.cdiv(width, cfg["BLOCK_N"])
+        return {"module": "kernels.newton_schulz", "kernel": "_update_kernel", "num_warps": cfg.pop("num_warps"),
+                "args": {"b_ptr": "*bf16", "x_ptr": source, "out_ptr": "*bf16", "partials_ptr": "*fp32",
+                         "size": size, "width": width, "tiles_n": tiles_n,
+                         "tiles_per_matrix": triton.cdiv(size, cfg["BLOCK_M"]) * tiles_n,
+                         "stride_xb": size * width, "stride_xm": width, "stride_xn": 1,
+                         "stride_ob": size * width, "stride_om": width, "stride_on": 1, "a_coef": 3.4445,
+                         "eps": 1e-7, "n_chunks": n_chunks, "SCALE_BY_NORM": first, "CHUNKS": chunks, **flags, **cfg}}
+
+    def tiles(cfg: dict) -> int:
+        side = triton.cdiv(size, cfg["BLOCK"])
+        return batch * side * (side + 1) // 2
+
+    upd_ctas = batch * triton.cdiv(size, upd["BLOCK_M"]) * triton.cdiv(width, upd["BLOCK_N"])
+    # DRAM bytes per step and matrix (bench/NOTES.md): 2 B x (3MN + 4M^2), plus the fp32 G read once.
+    matrices = bench.matrices_of(groups)
+    step_bytes = sum(2 * (3 * min(r, c) * max(r, c) + 4 * min(r, c) ** 2) for r, c in matrices)
+    g_bytes = sum(4 * r * c for r, c in matrices)
+    return Op("newton_schulz", "NS5 on one Muon step of the GPT (44 matrices 768x768, 24 of 768x3072), bf16; "
+              f"kernels shown for the {batch}x{size}x{width} stack",
+              bytes=5 * step_bytes + g_bytes, flops=bench.flops(groups, 5, symmetric=True), flop_kind="bf16",
+              kernels=[
+        Kernel("triton _sumsq_kernel", "per-chunk sums of squares of G (fp32 in)", "triton", ctas=batch * n_chunks,
+               spec={"module": "kernels.newton_schulz", "kernel": "_sumsq_kernel", "num_warps": 4,
+                     "args": {"g_ptr": "*fp32", "partials_ptr": "*fp32", "rows": size, "cols": width,
+                              "stride_gb": size * width, "stride_gm": width, "stride_gn": 1,
+                              "rows_per_chunk": rows_per_chunk, "n_chunks": n_chunks, **flags,
+                              "BLOCK_R": ns._NORM_BLOCK_ROWS, "BLOCK_C": ns._tile(width, 256)}}),
+        Kernel("triton _syrk_kernel (A = X X^T, step 1)", "Gram of the fp32 G, normalization folded in",
+               "triton", ctas=tiles(gram), spec=syrk("*fp32", width, False, True, gram, 1.0, 0.0)),
+        Kernel("triton _syrk_kernel (A = X X^T)", "Gram, lower-triangle tiles mirrored", "triton",
+               ctas=tiles(gram), spec=syrk("*bf16", width, False, False, gram, 1.0, 0.0)),
+        Kernel("triton _syrk_kernel (B = bA + cA^2)", "polynomial of A, bA fused in the epilogue", "triton",
+               ctas=tiles(poly), spec=syrk("*bf16", size, True, False, poly, 2.0315, -4.7750)),
+        Kernel("triton _update_kernel (step 1)", "X' = aX + BX from the fp32 G", "triton", ctas=upd_ctas,
+               spec=update("*fp32", True)),
+        Kernel("triton _update_kernel", "X' = aX + BX", "triton", ctas=upd_ctas, spec=update("*bf16", False)),
+    ], notes=["bytes: 5 steps x 2 B x (3MN + 4M^2) per matrix + the fp32 G read (bench/NOTES.md); "
+              "FLOPs: the symmetric count (one triangle of X X^T and A A)"])
+
+
+# ---- relu2_mlp -----------------------------------------------------------------------------
+
+def relu2_mlp() -> Op:
+    mlp = importlib.import_module("kernels.relu2_mlp")
+    bench = _bench("relu2_mlp")
+    m = TOKENS
+    config = mlp.kernel_config(torch.bfloat16, torch.device("cuda"))
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+
+    def tma(epilogue: int, n: int, k: int) -> dict:
+        programs = min(132, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+        return {"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "num_warps": config["num_warps"],
+                "num_stages": config["num_stages"],
+                "args": {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+                         "c_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>",
+                         "aux_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "M": m, "N": n, "K": k,
+                         "EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"],
+                         "DOT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                         "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": programs, "FLATTEN": config["FLATTEN"]}}
+
+    pointer = tma(mlp.EPI_RELU2, H, D)
+    pointer = {**pointer, "kernel": "_gemm_nt_pointer_kernel", "args": {
+        **{k: v for k, v in pointer["args"].items() if not k.endswith("_desc") and k != "WARP_SPECIALIZE"},
+        "a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "aux_ptr": "*bf16", "stride_am": D, "stride_bn": D,
+        "stride_cm": H, "stride_auxm": H, "EVEN_K": D % bk == 0}}
+    programs = min(132, triton.cdiv(m, bm) * triton.cdiv(H, bn))
+    return Op("relu2_mlp", f"M={m}, D={D}, H={H}, bf16, forward+backward (6 products)",
+              bytes=0, flops=bench.flops(m, D, H, "fwd+bwd"), flop_kind="bf16", kernels=[
+        Kernel("triton _gemm_nt_tma_kernel (h = relu(x W1^T)^2)", "fc forward with the relu^2 epilogue", "triton",
+               ctas=programs, spec=tma(mlp.EPI_RELU2, H, D)),
+        Kernel("triton _gemm_nt_tma_kernel (dpre)", "g W2 with the 2 sqrt(h) epilogue (reads h through TMA)",
+               "triton", ctas=programs, spec=tma(mlp.EPI_RELU2_BWD, H, D)),
+        Kernel("triton _gemm_nt_tma_kernel (y = h W2^T)", "plain product (cuBLAS by default)", "triton",
+               ctas=min(132, triton.cdiv(m, bm) * triton.cdiv(D, bn)), spec=tma(mlp.EPI_NONE, D, H),
+               runs_in_speedrun=False),
+        Kernel("triton _gemm_nt_pointer_kernel (h)", "fallback without TMA (misaligned operands)", "triton",
+               ctas=programs, spec=pointer, runs_in_speedrun=False),
+    ], notes=["bytes: every product is compute-bound (>= 600 FLOP/B, bench/NOTES.md), so no memory floor is "
+              "given; FLOPs of all six products, two of which (dW1, dW2) run on cuBLAS"])
+
+
+# ---- sliding_window_attention ---------------------------------------------------------------
+
+def sliding_window_attention() -> Op:
+    swa = importlib.import_module("kernels.sliding_window_attention")
+    bench = _bench("sliding_window_attention")
+    t = TOKENS
+    pairs = bench.visible_pairs(bench.document_lengths(t), WINDOW)
+    strides = {"b": t * HEADS * HEAD_DIM, "t": HEADS * HEAD_DIM, "h": HEAD_DIM}
+
+    def spec(name: str, kernel: str, pointers: list[str], extra: dict, tensors: str) -> dict:
+        config = dict(swa.CONFIGS[HEAD_DIM][name])
+        return {"module": "kernels.sliding_window_attention", "kernel": kernel,
+                "num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages"),
+                "args": {**{p: "*bf16" for p in pointers}, "lse_ptr": "*fp32", "doc_ptr": "*i32", "T": t,
+                         "window": WINDOW, **extra,
+                         **{f"stride_{n}{axis}": strides[axis] for n in tensors for axis in "bth"},
+                         "stride_docb": t, "HAS_DOCS": True, "HEAD_DIM": HEAD_DIM, "SCAN": swa.SCAN_CHUNK, **config}}
+
+    scales = {"scale": HEAD_DIM ** -0.5, "scale_log2": HEAD_DIM ** -0.5 * swa.LOG2_E}
+    fwd = spec("fwd", "_sliding_window_attn_fwd", ["q_ptr", "k_ptr", "v_ptr", "o_ptr"],
+               {"scale_log2": scales["scale_log2"]}, "qkvo")
+    backward = {"delta_ptr": "*fp32", **scales}
+    dkdv = spec("dkdv", "_sliding_window_attn_bwd_dkdv", ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"],
+                backward, ["q", "k", "v", "do"])
+    dq = spec("dq", "_sliding_window_attn_bwd_dq", ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr"],
+              backward, ["q", "k", "v", "do"])
+    delta = {"module": "kernels.sliding_window_attention", "kernel": "_sliding_window_attn_bwd_delta",
+             "num_warps": 4, "args": {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "T": t,
+                                      **{f"stride_{n}{axis}": strides[axis] for n in ("o", "do") for axis in "bth"},
+                                      "HEAD_DIM": HEAD_DIM, "BLOCK_M": swa.DELTA_BLOCK_M}}
+
+    def grid(name: str, block: str) -> int:
+        return triton.cdiv(t, swa.CONFIGS[HEAD_DIM][name][block]) * HEADS
+
+    return Op("sliding_window_attention", f"B=1, T={t}, {HEADS} heads x {HEAD_DIM}, window {WINDOW}, "
+              "FineWeb-like documents (the bench's), bf16, forward+backward",
+              bytes=0, flops=bench.flops(pairs, "fwd+bwd", HEADS, HEAD_DIM), flop_kind="bf16", kernels=[
+        Kernel("triton _sliding_window_attn_fwd", "forward: online softmax over visible key blocks", "triton",
+               ctas=grid("fwd", "BLOCK_M"), spec=fwd),
+        Kernel("triton _sliding_window_attn_bwd_delta", "delta = rowsum(dO * O)", "triton",
+               ctas=triton.cdiv(t, swa.DELTA_BLOCK_M) * HEADS, spec=delta),
+        Kernel("triton _sliding_window_attn_bwd_dkdv", "dK, dV per key block", "triton",
+               ctas=grid("dkdv", "BLOCK_N"), spec=dkdv),
+        Kernel("triton _sliding_window_attn_bwd_dq", "dQ per query block", "triton",
+               ctas=grid("dq", "BLOCK_M"), spec=dq),
+    ], notes=[f"{pairs / 1e6:.1f} M visible (query, key) pairs per head; FLOPs 14 D per pair and head "
+              "(fwd+bwd, bench formula); compute-bound (~400 FLOP/B), so no memory floor is given"])
+
+
+FAMILIES = {"softcap_ce": softcap_ce, "fp8_head": fp8_head, "newton_schulz": newton_schulz,
+            "relu2_mlp": relu2_mlp, "sliding_window_attention": sliding_window_attention}
