@@ -67,11 +67,17 @@ def nvcc_flags() -> list[str]:
             "-DTORCH_EXTENSION_NAME=_C", f"-gencode=arch=compute_{ARCH[3:]},code={ARCH}"]
 
 
+def nvcc_version() -> str:
+    """nvcc's release line, e.g. 'Cuda compilation tools, release 13.0, V13.0.88'."""
+    version = subprocess.run([_nvcc()[0], "--version"], capture_output=True, text=True, check=True).stdout
+    return [line for line in version.splitlines() if "release" in line][-1].strip()
+
+
 def cuda_cubin(source: str) -> Path:
     """The sm_90a cubin of csrc/<source>, from the cache or compiled now."""
     nvcc, includes = _nvcc()
     flags = nvcc_flags()
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    version = nvcc_version()
     headers = sorted((ROOT / "csrc").glob("*.h")) + sorted((ROOT / "csrc").glob("*.cuh"))
     key = _digest((ROOT / "csrc" / source).read_bytes(), *[h.read_bytes() for h in headers], " ".join(flags),
                   version, _torch_version())
