@@ -11,10 +11,10 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "static"
 
 
 def _wgmma_in_flight(instrs: list[sass.Instr]) -> int | None:
-    """The fewest wgmma groups left in flight at any wait inside a loop that issues wgmma
-    (the main loop); without such a loop, at any wait at all."""
+    """The fewest wgmma groups left in flight at any wait inside an innermost loop that
+    issues wgmma (the K loop); without such a loop, at any wait at all."""
     in_loops = []
-    for span in sass.loops(instrs):
+    for span in sass.innermost(sass.loops(instrs)):
         body = sass.within(instrs, span)
         if any(i.base.endswith("GMMA") for i in body):
             in_loops += sass.census(body)["wgmma_waits"]
