@@ -89,7 +89,9 @@ def op_record(op: Op) -> dict:
         else:
             cubin, meta = compiled[id(kernel)]
             kernels.append(kernel_record(kernel, cubin, meta))
-    main = next(k for k in kernels if k["runs_in_speedrun"])
+    # The kernel that carries the op's work: the first matrix kernel, else the first that runs.
+    running = [k for k in kernels if k["runs_in_speedrun"]]
+    main = next((k for k in running if k["mma"]), running[0])
     bounds = hopper.bounds_ms(bytes_=op.bytes, flops=op.flops, flop_kind=op.flop_kind)
     for name in ("issue_bound_ms", "mufu_bound_ms"):
         bounds[name] = main.get(name)
