@@ -3,6 +3,7 @@ the Triton kernels whose code depends on a Triton feature take with the triton i
 
     python -m kernels          a readable summary
     python -m kernels --json   kernels.backends() plus "triton_paths", as JSON
+    python -m kernels --json --output FILE    the same, written to FILE
 """
 from __future__ import annotations
 
@@ -54,11 +55,17 @@ def summary(report: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print kernels.backends() as JSON")
+    parser.add_argument("--output", metavar="FILE", help="write to FILE instead of printing")
     args = parser.parse_args(argv)
     report = kernels.backends()
     if report["triton"]["version"] is not None:
         report["triton_paths"] = triton_paths()
-    print(json.dumps(report, indent=1) if args.json else summary(report))
+    text = json.dumps(report, indent=1) if args.json else summary(report)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
     return 0
 
 
