@@ -13,6 +13,10 @@ package and prints one line saying why.  Environment switches:
 
 --no-build-isolation matters: the extension must be compiled against the torch that
 is installed, not a fresh copy in an isolated build environment.
+
+Supported range (SUPPORTED, tested in CI at both ends): torch 2.11-2.15, triton 3.6-3.8,
+Python 3.11-3.12.  pip's requirements say so; a torch or triton already installed outside
+it gets a warning line here, since --no-build-isolation builds against whatever is there.
 """
 from __future__ import annotations
 
@@ -28,10 +32,52 @@ SKIP_ENV = "KERNELS_SKIP_EXTENSION"
 # Headers that torch's CUDA headers include but a minimal toolkit may lack; the pip
 # wheels nvidia-* (installed with torch) carry them.
 LIBRARY_HEADERS = ("cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h", "curand.h")
+# (oldest, newest) major.minor of each supported component, both ends included: the oldest
+# is the GPU machines' stack (torch 2.11, triton 3.6, Python 3.12), the newest the pinned one.
+SUPPORTED = {"torch": ((2, 11), (2, 15)), "triton": ((3, 6), (3, 8)), "python": ((3, 11), (3, 12))}
 
 
 def say(message: str) -> None:
     print(f"speedrun setup: {message}", file=sys.stderr)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """(2, 11) for "2.11.0+cu130", "2.11.0a0" or "2.11"."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def unsupported(versions: dict[str, str]) -> list[str]:
+    """One line per component of `versions` ({"torch": "2.10.0", ...}) outside SUPPORTED."""
+    problems = []
+    for name, version in versions.items():
+        (lo, hi), have = SUPPORTED[name], _major_minor(version)
+        if not lo <= have <= hi:
+            problems.append(f"{name} {version} is outside the supported range "
+                            f"{lo[0]}.{lo[1]}-{hi[0]}.{hi[1]}")
+    return problems
+
+
+def requirement(name: str) -> str:
+    """The pip requirement for a supported component, e.g. "torch>=2.11,<2.16"."""
+    (lo, hi) = SUPPORTED[name]
+    return f"{name}>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}"
+
+
+def installed_versions() -> dict[str, str]:
+    """The Python running this and the torch/triton importable here (those not importable left out)."""
+    versions = {"python": ".".join(map(str, sys.version_info[:2]))}
+    for name in ("torch", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def warn_if_unsupported() -> None:
+    for problem in unsupported(installed_versions()):
+        say(f"warning: {problem}; the package is tested only inside it (see README.md, Set up)")
 
 
 def _is_elf(path: str) -> bool:
@@ -141,14 +187,15 @@ def extension_modules():
 
 
 if __name__ == "__main__":  # pip runs this file as __main__; tests import its helpers
+    warn_if_unsupported()
     ext_modules, cmdclass = extension_modules()
     setup(
         name="speedrun",
         version="0.1.0",
         description="Hand-written CUDA and Triton kernels for the NanoGPT and CIFAR-10 speedruns",
         packages=find_packages(include=["kernels", "kernels.*", "speedrun", "speedrun.*", "bench"]),
-        python_requires=">=3.10",
-        install_requires=["torch>=2.6", "triton>=3.3", "numpy"],
+        python_requires=">=3.11",
+        install_requires=[requirement("torch"), requirement("triton"), "numpy"],
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

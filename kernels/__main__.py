@@ -1,14 +1,34 @@
-"""`python -m kernels`: what is built and which implementation each op runs.
+"""`python -m kernels`: what is built, which implementation each op runs, and which path
+the Triton kernels whose code depends on a Triton feature take with the triton installed.
 
     python -m kernels          a readable summary
-    python -m kernels --json   kernels.backends() as JSON
+    python -m kernels --json   kernels.backends() plus "triton_paths", as JSON
+    python -m kernels --json --output FILE    the same, written to FILE
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import kernels
+
+# The module, not the op of the same name that kernels/__init__.py exports.
+relu2_mlp = importlib.import_module("kernels.relu2_mlp")
+
+
+def triton_paths() -> dict[str, str]:
+    """{ops: the path their Triton kernels take here}, for the kernels with a feature switch.
+
+    Only the MLP GEMM has one: relu2_mlp imports Triton's host-side TensorDescriptor once
+    at import and, without it, has only the pointer variant.  Every other kernel uses
+    features all supported tritons (3.6-3.8) have, so it has one path.
+    """
+    if relu2_mlp.TensorDescriptor is None:
+        mlp = "pointer variant only (this triton has no triton.tools.tensor_descriptor)"
+    else:
+        mlp = "TMA tensor descriptors on sm_90+ with 16-byte aligned operands, else the pointer variant"
+    return {f"{relu2_mlp.OP_MLP}, {relu2_mlp.OP_LINEAR}": mlp}
 
 
 def summary(report: dict) -> str:
@@ -26,15 +46,26 @@ def summary(report: dict) -> str:
     for op, entry in report["ops"].items():
         lines.append(f"{op:32} {','.join(entry['kernels']) or '-':14} "
                      f"{entry['on_cuda_tensors']:18} {entry['on_cpu_tensors']}")
+    if report.get("triton_paths"):
+        lines += ["", f"triton {report['triton']['version']} kernel paths:"]
+        lines += [f"  {ops}: {path}" for ops, path in report["triton_paths"].items()]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print kernels.backends() as JSON")
+    parser.add_argument("--output", metavar="FILE", help="write to FILE instead of printing")
     args = parser.parse_args(argv)
     report = kernels.backends()
-    print(json.dumps(report, indent=1) if args.json else summary(report))
+    if report["triton"]["version"] is not None:
+        report["triton_paths"] = triton_paths()
+    text = json.dumps(report, indent=1) if args.json else summary(report)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
     return 0
 
 

@@ -1,4 +1,5 @@
 """Backend selection: set_backend / use_backend / KERNELS_BACKEND, and the backends() report."""
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,14 @@ def test_python_m_kernels_summarizes_every_op():
     assert "CUDA extension" in done.stdout
     for op in PUBLIC_OPS:
         assert op in done.stdout
+
+
+def test_python_m_kernels_names_the_mlp_path_this_triton_gives(monkeypatch, capsys):
+    from kernels import __main__ as cli
+    assert cli.main([]) == 0
+    assert "relu2_mlp, linear_relu2: TMA tensor descriptors" in capsys.readouterr().out
+    monkeypatch.setattr(cli.relu2_mlp, "TensorDescriptor", None)  # as with a triton that lacks them
+    assert cli.main(["--json"]) == 0
+    paths = json.loads(capsys.readouterr().out)["triton_paths"]
+    assert paths == {"relu2_mlp, linear_relu2": "pointer variant only (this triton has no "
+                                                "triton.tools.tensor_descriptor)"}

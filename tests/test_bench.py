@@ -389,10 +389,3 @@ def test_ceilings_are_measured_once_per_process_and_errors_are_kept(monkeypatch)
     fp8 = ceilings[harness.FP8_MATMUL]
     assert (fp8.value, fp8.error) == (None, "RuntimeError: _scaled_mm is not supported on this device")
 
-
-def test_gpu_session_script_explains_itself_and_refuses_unknown_stages():
-    script = str(harness.REPO_ROOT / "bench" / "gpu_session.sh")
-    usage = subprocess.run(["bash", script], capture_output=True, text=True)
-    assert usage.returncode == 2 and "Stages:" in usage.stdout
-    unknown = subprocess.run(["bash", script, "nosuch"], capture_output=True, text=True)
-    assert unknown.returncode == 2 and "unknown stage: nosuch" in unknown.stderr

@@ -83,3 +83,26 @@ def test_skip_switch_installs_without_the_extension(monkeypatch, capsys):
     monkeypatch.setenv(build_script.SKIP_ENV, "1")
     assert build_script.extension_modules() == ([], {})
     assert "without the CUDA extension" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("versions,bad", [
+    ({"torch": "2.11.0+cu130", "triton": "3.6.0", "python": "3.12"}, []),      # the GPU machines' stack
+    ({"torch": "2.15.0a0+git", "triton": "3.8.0", "python": "3.11"}, []),      # the newest end
+    ({"torch": "2.10.1", "triton": "3.5.1", "python": "3.12"}, ["torch", "triton"]),
+    ({"torch": "2.16.0", "triton": "3.9.0", "python": "3.13"}, ["torch", "triton", "python"]),
+])
+def test_supported_range_both_ends_included(versions, bad):
+    problems = build_script.unsupported(versions)
+    assert [p.split()[0] for p in problems] == bad
+    assert all("outside the supported range" in p for p in problems)
+
+
+def test_requirements_are_the_supported_range():
+    assert build_script.requirement("torch") == "torch>=2.11,<2.16"
+    assert build_script.requirement("triton") == "triton>=3.6,<3.9"
+
+
+def test_install_warns_outside_the_range(monkeypatch, capsys):
+    monkeypatch.setattr(build_script, "installed_versions", lambda: {"torch": "2.10.0", "python": "3.11"})
+    build_script.warn_if_unsupported()
+    assert "warning: torch 2.10.0 is outside the supported range 2.11-2.15" in capsys.readouterr().err

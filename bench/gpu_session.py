@@ -1,0 +1,429 @@
+"""First light on a lent GPU machine: everything that needs a GPU, in one call of at most 9 minutes.
+
+    python -m bench.gpu_session [--out DIR] [--dry-run]      (bash bench/gpu_session.sh does this)
+
+The machine comes with its own stack (torch 2.11, triton 3.6, the CUDA toolkit,
+compute-sanitizer) and no network, so nothing is installed: the repository is on
+PYTHONPATH and the extension is built in place.  Stages, in order of value, each run as a
+child process under its own time budget; time a stage leaves unused passes to the next,
+and a stage that overruns is interrupted (SIGINT, so pytest and the trainers still write
+what they have) and the next one runs:
+
+  build        setup.py build_ext --inplace (MAX_JOBS = cores), then python -m kernels --json
+  correctness  pytest -m gpu: bf16, the CUDA backend, CUDA vs Triton vs reference, CUDA graphs,
+               torch.compile, for all five op families
+  memcheck     compute-sanitizer --tool memcheck over the CUDA-extension ops at small shapes
+  racecheck    the same under --tool racecheck (shared-memory races)
+  bench        python -m bench --quick: every family against every competitor
+  gpt-auto     the GPT record config per GPU (torchrun over all GPUs if there are several),
+  gpt-off      30 steps, --kernels auto then off: ms/step after warm-up, first step apart
+  cifar-auto   the CIFAR recipe, one run each with --kernels auto and off
+  cifar-off
+
+It writes DIR/summary.json and DIR/summary.md (per stage status and seconds; per op ours
+against the best competitor and the share of the measured ceiling; per trainer auto
+against off), beside each stage's log, DIR/bench/<device>/ and the trainers' run folders.
+The exit status is the number of stages that did not pass.
+
+--dry-run runs the same stages on a CPU, at tiny shapes, with the reference and
+interpreter backends: no extension build (KERNELS_SKIP_EXTENSION=1), the GPU tests
+collected and skipped, the sanitizer workload without compute-sanitizer, the bench's
+no-GPU exit, the trainers' smoke presets.  Every command, option and output file of the
+real call is exercised before a GPU sees it (tests/test_gpu_session.py runs it in CI).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "runs" / "gpu-session"
+GPT_STEPS = 30
+GPT_TOKENS_PER_GPU = 48 * 1024  # the record's per-GPU step: one pass of 49,152 tokens
+# The synthetic corpus's val split holds 1M tokens, less than the record's 10.5M per
+# validation: 8 passes of 65,536 fit it for 1 or 8 GPUs.  Validation runs once, untimed.
+GPT_VAL_SEQ_LEN = 64 * 1024
+GPT_VAL_TOKENS = 8 * GPT_VAL_SEQ_LEN
+# After SIGINT a stage gets this long to write what it has before it is killed.
+GRACE_S = 15
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    budget_s: float           # its own share of the 9 minutes; unused time passes on
+    commands: list[list[str]]
+    env: dict = dataclasses.field(default_factory=dict)
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def gpt_command(kernels: str, run_dir: Path, gpus: int, dry_run: bool) -> list[str]:
+    """The GPT trainer at the record's per-GPU shape (or the smoke preset on a CPU)."""
+    if dry_run:
+        # FlexAttention has no backward on a CPU: "off" keeps our attention there, the rest the record's.
+        cpu_kernels = "attention=ours,mlp=torch,head=torch,newton_schulz=torch" if kernels == "off" else kernels
+        return [_python(), "-m", "speedrun.gpt", "--preset", "smoke", "--steps", "3", "--val-every", "0",
+                "--device", "cpu", "--kernels", cpu_kernels, "--run-dir", str(run_dir)]
+    args = ["--preset", "record", "--steps", str(GPT_STEPS), "--val-every", "0",
+            "--batch-tokens", str(max(gpus, 1) * GPT_TOKENS_PER_GPU),
+            "--val-seq-len", str(GPT_VAL_SEQ_LEN), "--val-tokens", str(GPT_VAL_TOKENS),
+            "--kernels", kernels, "--run-dir", str(run_dir)]
+    if gpus > 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "speedrun.gpt", *args]
+    return [_python(), "-m", "speedrun.gpt", *args]
+
+
+def cifar_command(kernels: str, run_dir: Path, dry_run: bool) -> list[str]:
+    """One CIFAR run.  On the GPU with torch.compile's default mode: the record's max-autotune
+    would spend the whole budget autotuning on a fresh machine (auto and off alike)."""
+    shape = (["--preset", "smoke", "--epochs", "1", "--synthetic-train", "600", "--synthetic-test", "200",
+              "--whiten-images", "200", "--device", "cpu"] if dry_run
+             else ["--preset", "record", "--compile-mode", "default"])
+    return [_python(), "-m", "speedrun.cifar", *shape, "--runs", "1", "--kernels", kernels,
+            "--run-dir", str(run_dir)]
+
+
+def plan(out: Path, *, dry_run: bool, gpus: int, cores: int) -> list[Stage]:
+    """The stages of one session; budgets sum to 530 s, leaving the 9 minutes some slack."""
+    py = _python()
+    build_env = {"MAX_JOBS": str(cores)}
+    if dry_run:
+        build_env["KERNELS_SKIP_EXTENSION"] = "1"
+    workload = [py, "-m", "bench.gpu_session", "--sanitizer-workload"] + (["--dry-run"] if dry_run else [])
+
+    def sanitized(tool: str) -> list[str]:
+        # --error-exitcode: any finding fails the stage, not only a crash.
+        wrapper = [] if dry_run else ["compute-sanitizer", "--tool", tool, "--error-exitcode", "1"]
+        return wrapper + workload
+
+    return [
+        Stage("build", 100, [[py, "setup.py", "build_ext", "--inplace"],
+                             [py, "-m", "kernels", "--json", "--output", str(out / "kernels.json")]], build_env),
+        Stage("correctness", 90, [[py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider",
+                                   "--junitxml", str(out / "correctness.xml"), "tests"]]),
+        Stage("memcheck", 30, [sanitized("memcheck")]),
+        Stage("racecheck", 30, [sanitized("racecheck")]),
+        Stage("bench", 90, [[py, "-m", "bench", "--quick", "--out", str(out / "bench")]]),
+        Stage("gpt-auto", 65, [gpt_command("auto", out / "gpt-auto", gpus, dry_run)]),
+        Stage("gpt-off", 65, [gpt_command("off", out / "gpt-off", gpus, dry_run)]),
+        Stage("cifar-auto", 30, [cifar_command("auto", out / "cifar-auto", dry_run)]),
+        Stage("cifar-off", 30, [cifar_command("off", out / "cifar-off", dry_run)]),
+    ]
+
+
+# ---- running ------------------------------------------------------------------------------
+
+def run_stage(stage: Stage, budget_s: float, log_path: Path) -> tuple[str, float]:
+    """(status, seconds): "ok", "failed" (a command exited non-zero) or "timed out"."""
+    start = time.monotonic()
+    env = {**os.environ, **stage.env, "PYTHONPATH": os.pathsep.join(
+        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    with open(log_path, "w", buffering=1) as log:
+        for command in stage.commands:
+            left = budget_s - (time.monotonic() - start)
+            log.write(f"$ {' '.join(command)}\n")
+            if left <= 0:
+                return "timed out", time.monotonic() - start
+            try:
+                child = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+            except FileNotFoundError as exc:  # e.g. compute-sanitizer or torchrun not on PATH
+                log.write(f"cannot start: {exc}\n")
+                return "failed", time.monotonic() - start
+            try:
+                code = child.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                _interrupt(child)
+                log.write(f"\n-- interrupted: the stage's budget of {budget_s:.0f} s ran out\n")
+                return "timed out", time.monotonic() - start
+            if code != 0:
+                log.write(f"\n-- exit status {code}\n")
+                return "failed", time.monotonic() - start
+    return "ok", time.monotonic() - start
+
+
+def _interrupt(child: subprocess.Popen) -> None:
+    """SIGINT to the child's process group (pytest prints its summary, torchrun stops its
+    workers), then SIGKILL if it has not left after GRACE_S."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ---- reading the results back ---------------------------------------------------------------
+
+def read_correctness(xml_path: Path, log_path: Path) -> dict | None:
+    """Counts of the GPU tests: from pytest's JUnit XML, else (interrupted) from the -v lines."""
+    if xml_path.exists():
+        text = xml_path.read_text(errors="replace")
+        match = re.search(r"<testsuite [^>]*", text)
+        if match:
+            attrs = dict(re.findall(r'(\w+)="([^"]*)"', match.group(0)))
+            total = int(attrs.get("tests", 0))
+            failed, errors, skipped = (int(attrs.get(k, 0)) for k in ("failures", "errors", "skipped"))
+            failing = re.findall(r'<testcase classname="([^"]*)" name="([^"]*)"[^>]*>\s*<(?:failure|error)', text)
+            return {"passed": total - failed - errors - skipped, "failed": failed, "errors": errors,
+                    "skipped": skipped, "complete": True,
+                    "failing": [f"{cls}::{name}" for cls, name in failing][:50]}
+    if not log_path.exists():
+        return None
+    lines = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", log_path.read_text(errors="replace"), re.M)
+    counts = {word.lower(): sum(1 for _, w in lines if w == word) for word in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    return {"passed": counts["passed"], "failed": counts["failed"], "errors": counts["error"],
+            "skipped": counts["skipped"], "complete": False,
+            "failing": [test for test, word in lines if word in ("FAILED", "ERROR")][:50]}
+
+
+def read_bench(bench_root: Path) -> list[dict]:
+    """Per op and case: our best implementation against the best competitor, from the bench JSON.
+
+    An implementation is ours when its name starts with "ours" (the benches' convention);
+    speedup = best competitor ms / our best ms (> 1: ours is faster).
+    """
+    rows = []
+    for path in sorted(bench_root.glob("*/*.json")):
+        data = json.loads(path.read_text())
+        cases: dict[str, list[dict]] = {}
+        for entry in data.get("results", []):
+            cases.setdefault(entry["case"], []).append(entry)
+        for case, entries in cases.items():
+            timed = [e for e in entries if e.get("ms") is not None]
+            ours = min((e for e in timed if e["impl"].startswith("ours")), key=lambda e: e["ms"], default=None)
+            rival = min((e for e in timed if not e["impl"].startswith("ours")), key=lambda e: e["ms"], default=None)
+            fraction = ours.get("fraction_of_ceiling") if ours else None
+            rows.append({
+                "op": data.get("op", path.stem), "case": case, "complete": bool(data.get("complete")),
+                "ours": ours["impl"] if ours else None, "ours_ms": ours["ms"] if ours else None,
+                "best_competitor": rival["impl"] if rival else None, "competitor_ms": rival["ms"] if rival else None,
+                "speedup": rival["ms"] / ours["ms"] if ours and rival else None,
+                "pct_of_ceiling": 100 * fraction if fraction is not None else None,
+                "ceiling": ours["ceiling"] if ours else None,
+                "errors": {e["impl"]: e["error"] for e in entries if e.get("error")},
+            })
+    return rows
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_gpt(run_dir: Path) -> dict | None:
+    """ms/step after warm-up (the trainer's own step_avg at its final validation, synchronized)
+    and the first step's time (compilation + one step, host clock) apart."""
+    records = _records(run_dir)
+    if not records:
+        return None
+    steps = [r for r in records if r.get("event") == "step"]
+    result = {"steps_done": steps[-1]["step"] if steps else 0,
+              "first_step_s": steps[0]["train_time_ms"] / 1000 if steps else None, "ms_per_step": None}
+    log = run_dir / "log.txt"
+    if log.exists():
+        finals = re.findall(r"step:(\d+)/(\d+) val_loss:(\S+).*? train_time:(\d+)ms step_avg:([\d.]+)ms",
+                            log.read_text(errors="replace"))
+        if finals and finals[-1][0] == finals[-1][1]:  # the last step's validation: the run finished
+            result.update(ms_per_step=float(finals[-1][4]), val_loss=float(finals[-1][2]))
+    return result
+
+
+def read_cifar(run_dir: Path) -> dict | None:
+    """The run's time as the record measures it (whitening, epochs, TTA) and per training step."""
+    path = run_dir / "results.json"
+    if not path.exists():
+        return {"runs_done": 0} if run_dir.exists() else None
+    data = json.loads(path.read_text())
+    config, summary = data["config"], data["summary"]
+    train_size = config["synthetic_train"] if config["data"] == "synthetic" else 50_000
+    steps = train_size // config["batch_size"] * config["epochs"]  # the last partial batch is dropped
+    return {"runs_done": summary["runs"], "s_per_run": summary["time_mean_s"],
+            "ms_per_step": 1000 * summary["time_mean_s"] / steps, "steps_per_run": steps,
+            "accuracy": summary["accuracy"]["mean"]}
+
+
+# ---- the summary ----------------------------------------------------------------------------
+
+def _fmt(value, spec: str = ".3g", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def render_markdown(summary: dict) -> str:
+    lines = [f"# GPU session{' (dry run on CPU)' if summary['dry_run'] else ''}: {summary['device']}", "",
+             f"- versions: {summary['versions']}",
+             f"- total {summary['total_s']:.0f} s of a {summary['budget_s']:.0f} s budget; "
+             f"exit status {summary['failed_stages']} (stages not ok)", "",
+             "| stage | status | seconds | budget s |", "|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s['budget_s']:.0f} |" for s in summary["stages"]]
+    tests = summary.get("correctness")
+    if tests:
+        lines += ["", f"GPU tests: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
+                      f"{tests['skipped']} skipped{'' if tests['complete'] else ' (interrupted)'}"]
+        lines += [f"- failing: `{name}`" for name in tests["failing"]]
+    lines += ["", "| op | case | ours | ms | best competitor | ms | speedup | % of ceiling |", "|---|---|---|---|---|---|---|---|"]
+    if not summary["bench"]:
+        lines.append("| (no bench results) | | | | | | | |")
+    for row in summary["bench"]:
+        ceiling = f"{_fmt(row['pct_of_ceiling'], '.1f')} ({row['ceiling']})" if row["pct_of_ceiling"] is not None else "-"
+        lines.append(f"| {row['op']} | {row['case']} | {row['ours'] or '-'} | {_fmt(row['ours_ms'], '.4g')} | "
+                     f"{row['best_competitor'] or '-'} | {_fmt(row['competitor_ms'], '.4g')} | "
+                     f"{_fmt(row['speedup'], '.2f')} | {ceiling} |")
+    lines += ["", "| trainer | kernels | ms/step | first step s (compile) | s per run | note |", "|---|---|---|---|---|---|"]
+    for trainer, runs in summary["trainers"].items():
+        for kernels, result in runs.items():
+            result = result or {}
+            note = (f"{result.get('steps_done', 0)} steps" if trainer == "gpt"
+                    else f"{result.get('runs_done', 0)} run(s), {result.get('steps_per_run', '-')} steps each")
+            lines.append(f"| {trainer} | {kernels} | {_fmt(result.get('ms_per_step'), '.2f')} | "
+                         f"{_fmt(result.get('first_step_s'), '.1f')} | {_fmt(result.get('s_per_run'), '.3f')} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    import torch
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return (f"python {'.'.join(map(str, sys.version_info[:3]))}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}), triton {triton_version}")
+
+
+def session(out: Path, *, dry_run: bool) -> int:
+    import torch
+    gpus = 0 if dry_run else torch.cuda.device_count()
+    device = (f"{gpus} x {torch.cuda.get_device_name()}" if gpus else "CPU")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = plan(out, dry_run=dry_run, gpus=gpus, cores=os.cpu_count() or 1)
+    if not dry_run and not gpus:
+        print("no CUDA GPU visible: use --dry-run for the CPU rehearsal", file=sys.stderr)
+        return 2
+    results, spare = [], 0.0
+    session_start = time.monotonic()
+    for stage in stages:
+        budget = stage.budget_s + spare
+        print(f"== {stage.name} (budget {budget:.0f} s) -> {out / (stage.name + '.log')}", flush=True)
+        status, seconds = run_stage(stage, budget, out / f"{stage.name}.log")
+        spare = max(0.0, budget - seconds)
+        print(f"   {status} in {seconds:.0f} s", flush=True)
+        results.append({"name": stage.name, "status": status, "seconds": seconds, "budget_s": budget,
+                        "commands": [" ".join(c) for c in stage.commands], "log": f"{stage.name}.log"})
+    summary = {
+        "dry_run": dry_run, "device": device, "gpus": gpus, "versions": _versions(),
+        "budget_s": sum(s.budget_s for s in stages), "total_s": time.monotonic() - session_start,
+        "stages": results, "failed_stages": sum(r["status"] != "ok" for r in results),
+        "kernels": json.loads((out / "kernels.json").read_text()) if (out / "kernels.json").exists() else None,
+        "correctness": read_correctness(out / "correctness.xml", out / "correctness.log"),
+        "bench": read_bench(out / "bench"),
+        "trainers": {"gpt": {k: read_gpt(out / f"gpt-{k}") for k in ("auto", "off")},
+                     "cifar": {k: read_cifar(out / f"cifar-{k}") for k in ("auto", "off")}},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(render_markdown(summary))
+    print(render_markdown(summary))
+    return summary["failed_stages"]
+
+
+# ---- the sanitizer's workload -------------------------------------------------------------------
+
+# Our op against the reference op on the same inputs.  The CUDA kernels differ from the
+# reference by accumulation order and one rounding of each output to its dtype (bf16:
+# 2**-8 relative per element, a few 1e-3 in norm); the FP8 head quantizes identically in
+# both.  2e-2 flags a wrong kernel, not rounding: the GPU tests hold the tight bounds.
+WORKLOAD_TOL = 2e-2
+
+
+def sanitizer_workload(device: str, backend: str) -> list[str]:
+    """The CUDA-extension ops, forward and backward, at small awkward shapes (rows and vocab
+    sizes that are no multiple of a tile), checked against the reference: what
+    compute-sanitizer watches for out-of-bounds accesses and shared-memory races."""
+    import torch
+
+    import kernels
+    from kernels import reference
+
+    def rel(a, b):
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    def check(name, fn, ref_fn, inputs, upstream_scale=1.0, **kwargs):
+        """Forward, then backward from a fixed random upstream gradient times upstream_scale."""
+        runs = []
+        for f in (fn, ref_fn):
+            leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+            out = f(*leaves, **kwargs)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) * upstream_scale
+            out.backward(upstream.to(out.device, out.dtype))
+            runs.append([out.detach()] + [leaf.grad for leaf in leaves if leaf.requires_grad])
+        errors = [rel(a, b) for a, b in zip(*runs)]
+        if not max(errors) < WORKLOAD_TOL:
+            raise AssertionError(f"{name}: relative errors {errors} against the reference exceed {WORKLOAD_TOL}")
+        return f"{name}: max relative error {max(errors):.2e}"
+
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    with kernels.use_backend(backend):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for n, v in ((3, 7), (37, 1000), (5, 4099)):
+                for kind in ("sigmoid", "tanh", None):
+                    logits = (torch.randn(n, v, generator=gen) * 4).to(device, dtype)
+                    targets = torch.randint(0, v, (n,), generator=gen).to(device)
+                    targets[0] = -100
+                    lines.append(check(f"softcap_cross_entropy {dtype} {n}x{v} {kind}", kernels.softcap_cross_entropy,
+                                       reference.softcap_cross_entropy, [logits, targets], kind=kind))
+        for n, k, v in ((37, 72, 101), (129, 96, 1000)):
+            x = torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
+            weight = (torch.randn(v, k, generator=gen) * 0.05).to(device)
+            targets = torch.randint(0, v, (n,), generator=gen).to(device)
+            # The gradient is scaled by 2**19 into e5m2 (max 57344): an upstream like a mean
+            # loss's over many rows, as in training, keeps it in range.
+            lines.append(check(f"fp8_linear {n}x{k}x{v}", kernels.fp8_linear, reference.fp8_linear, [x, weight],
+                               upstream_scale=1e-4))
+            lines.append(check(f"linear_softcap_cross_entropy {n}x{k}x{v}", kernels.linear_softcap_cross_entropy,
+                               reference.linear_softcap_cross_entropy, [x, weight, targets]))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(DEFAULT_OUT), metavar="DIR",
+                        help="output folder (default: $OUT, else runs/gpu-session)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the same stages on a CPU at tiny shapes (reference/interpreter backends)")
+    parser.add_argument("--sanitizer-workload", action="store_true",
+                        help="(the memcheck/racecheck stages' child) run the CUDA-extension ops at small shapes")
+    args = parser.parse_args(argv)
+    if args.sanitizer_workload:
+        device, backend = ("cpu", "reference") if args.dry_run else ("cuda", "cuda")
+        for line in sanitizer_workload(device, backend):
+            print(line)
+        return 0
+    if not args.dry_run and shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi"], check=False)
+    return session(Path(args.out).resolve(), dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
