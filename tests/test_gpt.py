@@ -3,6 +3,7 @@ agreeing with each other, smoke training, resume == uninterrupted, 2 processes =
 accumulation, data errors, profiler outputs, the CLI."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -186,7 +187,7 @@ def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
         assert err < 1e-2, key
 
 
-def test_corrupt_shard_gives_a_clear_error(tmp_path):
+def test_corrupt_shard_gives_a_clear_error(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     fineweb.write_shard(data / "fineweb_train_000001.bin", torch.randint(0, 50257, (5000,), dtype=torch.int32)
@@ -195,19 +196,23 @@ def test_corrupt_shard_gives_a_clear_error(tmp_path):
                         .to(torch.uint16))
     shard = data / "fineweb_train_000001.bin"
     shard.write_bytes(shard.read_bytes()[:3000])  # truncated
-    with pytest.raises(ValueError, match="fineweb_train_000001.bin"):
-        run_train(tmp_path, "--steps", "2", "--data", str(data))
+    assert train.main(["--preset", "smoke", *TINY, "--steps", "2", "--data", str(data),
+                       "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data: ") and "fineweb_train_000001.bin" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
-def test_val_split_too_short_fails_before_training(tmp_path):
+def test_val_split_too_short_fails_before_training(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     tokens = lambda n: torch.randint(0, 50257, (n,), dtype=torch.int32).to(torch.uint16)  # noqa: E731
     fineweb.write_shard(data / "fineweb_train_000001.bin", tokens(5000))
     fineweb.write_shard(data / "fineweb_val_000000.bin", tokens(1000))  # serves 3 passes of 256
-    with pytest.raises(ValueError, match=r"--val-tokens 1,024 needs 4 passes .* serve 3: use --val-tokens 768"):
-        run_train(tmp_path, "--steps", "2", "--data", str(data), "--val-tokens", "1024")
-    assert [m["event"] for m in metrics(tmp_path / "run")] == ["start"]  # not one step trained
+    assert train.main(["--preset", "smoke", *TINY, "--steps", "2", "--data", str(data), "--val-tokens", "1024",
+                       "--run-dir", str(tmp_path / "run")]) == 2
+    assert re.search(r"--val-tokens 1,024 needs 4 passes .* serve 3: use --val-tokens 768", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # not one step trained, nothing written
 
 
 def test_profile_writes_its_outputs(tmp_path):
