@@ -150,16 +150,23 @@ def final_parameters(run_dir):
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
-    whole = run_train(tmp_path, "--steps", "6", "--save-every", "3", "--val-every", "0", name="whole")
-    first = run_train(tmp_path, "--steps", "6", "--save-every", "3", "--val-every", "0", name="first")
+    common = ("--steps", "6", "--save-every", "3", "--val-every", "0", "--log-every", "2")
+    whole = run_train(tmp_path, *common, name="whole")
+    first = run_train(tmp_path, *common, name="first")
     step3 = first / "checkpoints" / "step000003.pt"
-    resumed = run_train(tmp_path, "--steps", "6", "--save-every", "3", "--val-every", "0", "--resume", str(step3),
-                        name="resumed")
+    resumed = run_train(tmp_path, *common, "--resume", str(step3), name="resumed")
     expected, actual = final_parameters(whole), final_parameters(resumed)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert torch.load(step3, weights_only=True)["train_loader"] is not None
+
+    def logged(run_dir, after):  # every metric but the clock, for the steps after `after`
+        return [{k: v for k, v in m.items() if k not in ("time", "train_time_ms")} for m in metrics(run_dir)
+                if m["event"] in ("step", "val") and m["step"] > after]
+    # --log-every 2: the loss summed over steps 3 and 4 spans the checkpoint at step 3.
+    assert any("train_loss" in m for m in logged(whole, 3))
+    assert logged(resumed, 3) == logged(whole, 3)
 
 
 def _free_port():

@@ -322,10 +322,18 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
         start_step, training_time_ms = state["step"], state["training_time_ms"]
         log.line(f"resumed from {cfg.resume} at step {start_step}")
 
+    # The training loss summed since its last read-back: part of the state, so a resumed run
+    # logs the same train_loss as an uninterrupted one.
+    step_loss = torch.zeros((), device=ctx.device)
+    if state is not None and "step_loss" in state:
+        step_loss.fill_(state["step_loss"])
+
     def save(step: int) -> None:
+        pending_loss = distributed.all_reduce_mean(step_loss.clone()).item()  # every rank takes part
         if ctx.is_main:
             path = checkpoint.save(run_dir / "checkpoints" / f"step{step:06d}.pt", {
-                "step": step, "training_time_ms": training_time_ms, "config": dataclasses.asdict(cfg),
+                "step": step, "training_time_ms": training_time_ms, "step_loss": pending_loss,
+                "config": dataclasses.asdict(cfg),
                 "model_config": dataclasses.asdict(model_config),
                 "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
                 "train_loader": train_loader.state_dict(), "rng": checkpoint.rng_state()})
@@ -340,7 +348,6 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     # ---- the loop: validate, then train one step, until the last validation
     synchronize()
     t0 = time.perf_counter()
-    step_loss = torch.zeros((), device=ctx.device)
     for step in range(start_step, cfg.steps + 1):
         last_step = step == cfg.steps
         blocks = window_blocks(step, cfg.steps, cfg.window_max)
@@ -352,10 +359,10 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
             synchronize()
             training_time_ms += 1000 * (time.perf_counter() - t0)
             val_loss = evaluate(step_model, folder, cfg, ctx, blocks)
-            avg = training_time_ms / max(timed_steps, 1) if timed_steps > 0 else float("nan")
+            avg = f" step_avg:{training_time_ms / timed_steps:.2f}ms" if timed_steps > 0 else ""
             floor = f" (corpus entropy rate {entropy_rate:.4f})" if entropy_rate is not None else ""
-            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} train_time:{training_time_ms:.0f}ms "
-                     f"step_avg:{avg:.2f}ms")
+            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} train_time:{training_time_ms:.0f}ms"
+                     f"{avg}")
             log.metric({"event": "val", "step": step, "val_loss": val_loss, "entropy_rate": entropy_rate,
                         "train_time_ms": training_time_ms})
             synchronize()
@@ -383,8 +390,9 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
                 model.zero_grad(set_to_none=True)
 
         approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-        avg = approx_ms / timed_steps if timed_steps > 0 else float("nan")
-        log.quiet_line(f"step:{step + 1}/{cfg.steps} train_time:{approx_ms:.0f}ms step_avg:{avg:.2f}ms")
+        done_timed = timed_steps + 1  # this step is done: the same divisor as the val line at the next step
+        avg = f" step_avg:{approx_ms / done_timed:.2f}ms" if done_timed > 0 else " (warm-up, not timed)"
+        log.quiet_line(f"step:{step + 1}/{cfg.steps} train_time:{approx_ms:.0f}ms{avg}")
         record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "window_blocks": blocks}
         if (step + 1) % cfg.log_every == 0:
             record["train_loss"] = distributed.all_reduce_mean(step_loss).item() / cfg.log_every
