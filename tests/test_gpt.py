@@ -3,6 +3,7 @@ agreeing with each other, smoke training, resume == uninterrupted, 2 processes =
 accumulation, data errors, profiler outputs, the CLI."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -149,16 +150,23 @@ def final_parameters(run_dir):
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
-    whole = run_train(tmp_path, "--steps", "6", "--save-every", "3", "--val-every", "0", name="whole")
-    first = run_train(tmp_path, "--steps", "6", "--save-every", "3", "--val-every", "0", name="first")
+    common = ("--steps", "6", "--save-every", "3", "--val-every", "0", "--log-every", "2")
+    whole = run_train(tmp_path, *common, name="whole")
+    first = run_train(tmp_path, *common, name="first")
     step3 = first / "checkpoints" / "step000003.pt"
-    resumed = run_train(tmp_path, "--steps", "6", "--save-every", "3", "--val-every", "0", "--resume", str(step3),
-                        name="resumed")
+    resumed = run_train(tmp_path, *common, "--resume", str(step3), name="resumed")
     expected, actual = final_parameters(whole), final_parameters(resumed)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert torch.load(step3, weights_only=True)["train_loader"] is not None
+
+    def logged(run_dir, after):  # every metric but the clock, for the steps after `after`
+        return [{k: v for k, v in m.items() if k not in ("time", "train_time_ms")} for m in metrics(run_dir)
+                if m["event"] in ("step", "val") and m["step"] > after]
+    # --log-every 2: the loss summed over steps 3 and 4 spans the checkpoint at step 3.
+    assert any("train_loss" in m for m in logged(whole, 3))
+    assert logged(resumed, 3) == logged(whole, 3)
 
 
 def _free_port():
@@ -186,7 +194,7 @@ def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
         assert err < 1e-2, key
 
 
-def test_corrupt_shard_gives_a_clear_error(tmp_path):
+def test_corrupt_shard_gives_a_clear_error(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     fineweb.write_shard(data / "fineweb_train_000001.bin", torch.randint(0, 50257, (5000,), dtype=torch.int32)
@@ -195,19 +203,23 @@ def test_corrupt_shard_gives_a_clear_error(tmp_path):
                         .to(torch.uint16))
     shard = data / "fineweb_train_000001.bin"
     shard.write_bytes(shard.read_bytes()[:3000])  # truncated
-    with pytest.raises(ValueError, match="fineweb_train_000001.bin"):
-        run_train(tmp_path, "--steps", "2", "--data", str(data))
+    assert train.main(["--preset", "smoke", *TINY, "--steps", "2", "--data", str(data),
+                       "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data: ") and "fineweb_train_000001.bin" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
-def test_val_split_too_short_fails_before_training(tmp_path):
+def test_val_split_too_short_fails_before_training(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     tokens = lambda n: torch.randint(0, 50257, (n,), dtype=torch.int32).to(torch.uint16)  # noqa: E731
     fineweb.write_shard(data / "fineweb_train_000001.bin", tokens(5000))
     fineweb.write_shard(data / "fineweb_val_000000.bin", tokens(1000))  # serves 3 passes of 256
-    with pytest.raises(ValueError, match=r"--val-tokens 1,024 needs 4 passes .* serve 3: use --val-tokens 768"):
-        run_train(tmp_path, "--steps", "2", "--data", str(data), "--val-tokens", "1024")
-    assert [m["event"] for m in metrics(tmp_path / "run")] == ["start"]  # not one step trained
+    assert train.main(["--preset", "smoke", *TINY, "--steps", "2", "--data", str(data), "--val-tokens", "1024",
+                       "--run-dir", str(tmp_path / "run")]) == 2
+    assert re.search(r"--val-tokens 1,024 needs 4 passes .* serve 3: use --val-tokens 768", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # not one step trained, nothing written
 
 
 def test_profile_writes_its_outputs(tmp_path):

@@ -125,14 +125,20 @@ def ensure_cifar10(cache_dir: str | Path | None = None, *, url: str = URL, md5: 
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tarball = folder / TARBALL
-    if not (tarball.is_file() and md5_of(tarball) == md5):
+    placed = md5_of(tarball) if tarball.is_file() else None
+    if placed != md5:
+        # A tarball put there by hand that fails its md5 is named, not silently replaced.
+        bad = "" if placed is None else (f"{tarball} has md5 {placed}, expected {md5} (corrupt, truncated or not "
+                                         "the CIFAR-10 python tarball), so it is fetched again; ")
+        if bad:
+            print(f"speedrun: {bad.rstrip('; ')}", file=sys.stderr, flush=True)
         partial = folder / f".{TARBALL}.partial-{os.getpid()}"
         try:
             try:
                 fetch(url, partial)
             except OSError as error:  # urllib's URLError/HTTPError are OSErrors
-                raise RuntimeError(f"could not download CIFAR-10 from {url} ({error}); without network access, "
-                                   f"copy {TARBALL} (md5 {md5}) into {folder} by hand") from error
+                raise RuntimeError(f"{bad}could not download CIFAR-10 from {url} ({error}); without network "
+                                   f"access, copy {TARBALL} (md5 {md5}) into {folder} by hand") from error
             found = md5_of(partial)
             if found != md5:
                 raise ValueError(f"CIFAR-10 download from {url} has md5 {found}, expected {md5}: the file is "

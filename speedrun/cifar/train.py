@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 
 import kernels
 from speedrun import ablation, runlog
+from speedrun.cli import ArgumentParser, UsageError
+from speedrun.cli import run as run_cli
 from speedrun.cifar import data as cifar_data
 from speedrun.cifar.model import CifarNet
 from speedrun.gpt import baseline
@@ -90,7 +93,9 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA if available), cuda, cpu")
     seed: int = option(0, "run r draws its weights and augmentations from seed + r; the synthetic set uses seed")
     # outputs
-    run_dir: str | None = option(None, "output folder (default runs/cifar-<preset>-<time>)")
+    run_dir: str | None = option(None, "output folder (default runs/cifar-<preset>-<time>); an existing one is "
+                                       "refused unless --overwrite")
+    overwrite: bool = option(False, "replace an existing --run-dir (its results are lost)")
     profile: bool = option(False, "profile the first timed run: per-step phases, GPU telemetry, a kernel trace "
                                   "(its time then includes the profiler's synchronizations)")
     profile_steps: str = option("10:13", "steps start:end of the first timed run traced when --profile is on")
@@ -107,7 +112,7 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, str]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m speedrun.cifar",
         description="Train the CIFAR-10 speedrun network (the airbench94_muon recipe) --runs times and report "
                     "each run's TTA accuracy and time, their mean/std, and a one-sided t-test of mean > 94%%. "
@@ -414,16 +419,39 @@ def load_data(cfg: TrainConfig) -> tuple[dict, str]:
     return splits, f"{cifar_data.SYNTHETIC_NOTE} ({cfg.synthetic_train:,} train / {cfg.synthetic_test:,} test)"
 
 
-def check_config(cfg: TrainConfig, train_size: int) -> tuple[int, int, int]:
-    widths = tuple(int(w) for w in cfg.widths.split(","))
-    if len(widths) != 3 or min(widths) < 1:
-        raise ValueError(f"--widths must be three positive integers, got {cfg.widths!r}")
-    if cfg.runs < 1 or cfg.epochs < 1 or cfg.whiten_bias_epochs < 1:
-        raise ValueError("--runs, --epochs and --whiten-bias-epochs must be >= 1")
-    if not 1 <= cfg.batch_size <= train_size:
-        raise ValueError(f"--batch-size must be in [1, {train_size}] (the training set), got {cfg.batch_size}")
-    if not 0 <= cfg.translate < 32 or cfg.whiten_images < 1:
-        raise ValueError("--translate must be in [0, 32) and --whiten-images >= 1")
+def check_config(cfg: TrainConfig, train_size: int | None = None) -> tuple[int, int, int]:
+    """Validate the options (UsageError naming the option); returns the widths.  With
+    train_size None the batch size is checked against the synthetic set's size only."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    parts = cfg.widths.split(",")
+    require(len(parts) == 3 and all(p.strip().isdigit() and int(p) >= 1 for p in parts),
+            f"--widths must be three positive integers, e.g. 64,256,256, got {cfg.widths!r}")
+    widths = tuple(int(w) for w in parts)
+    for name in ("runs", "epochs", "whiten_bias_epochs", "whiten_images", "ns_steps", "synthetic_train",
+                 "synthetic_test"):
+        require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if train_size is None and cfg.data == "synthetic":
+        train_size = cfg.synthetic_train
+    require(cfg.batch_size >= 1 and (train_size is None or cfg.batch_size <= train_size),
+            f"--batch-size must be in [1, {train_size}] (the training set), got {cfg.batch_size}")
+    require(0 <= cfg.translate < 32, f"--translate must be in [0, 32), got {cfg.translate}")
+    for name in ("bias_lr", "head_lr", "muon_lr"):
+        require(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("sgd_momentum", "muon_momentum", "label_smoothing"):
+        require(0 <= getattr(cfg, name) < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    require(cfg.weight_decay >= 0 and cfg.whiten_eps >= 0, "--weight-decay and --whiten-eps must be >= 0")
+    try:
+        ablation.parse_kernels(cfg.kernels, FAMILIES)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    parts = cfg.profile_steps.split(":")
+    require(len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]),
+            f"--profile-steps must be START:END with 0 <= START < END (e.g. 10:13), got {cfg.profile_steps!r}")
+    require(cfg.device != "cuda" or torch.cuda.is_available(),
+            "--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
     return widths
 
 
@@ -462,18 +490,34 @@ def write_results(run_dir: Path, cfg: TrainConfig, preset: str, data_line: str, 
 
 
 def main(argv=None) -> int:
+    """The trainer: user errors are one `error:` line and status 2 (speedrun.cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
     cfg, preset = parse_args(argv)
+    check_config(cfg)
     chosen = ablation.parse_kernels(cfg.kernels, FAMILIES)
     kernels_line = ablation.describe(chosen, FAMILIES)
     device, dtype = resolve_device(cfg)
     run_dir = Path(cfg.run_dir or f"runs/cifar-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise UsageError(f"--run-dir {run_dir} already holds a run: choose another folder, or add --overwrite "
+                         "to replace it")
+    # ---- data (not timed), before the run folder exists: a download or a bad tarball fails first
+    if cfg.data == "cifar10":
+        try:
+            splits, data_line = load_data(cfg)
+        except (ValueError, RuntimeError) as error:  # ensure_cifar10's md5/download/format messages name the file
+            raise UsageError(f"--data cifar10: {error}") from None
+    else:
+        splits, data_line = load_data(cfg)
+    widths = check_config(cfg, len(splits["train"]["labels"]))
+    if run_dir.exists() and cfg.overwrite:
+        shutil.rmtree(run_dir)
     log = runlog.RunLog(run_dir, enabled=True)
     env = runlog.environment()
     log.header(dataclasses.asdict(cfg), env, kernels_line)
-
-    # ---- data on the device (not timed)
-    splits, data_line = load_data(cfg)
-    widths = check_config(cfg, len(splits["train"]["labels"]))
     log.line(f"data: {data_line}")
     train_loader = cifar_data.Loader(splits["train"], batch_size=cfg.batch_size, device=device, dtype=dtype,
                                      flip=cfg.flip, translate=cfg.translate, crop=chosen["augment"])

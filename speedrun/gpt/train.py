@@ -18,12 +18,17 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from kernels.sliding_window_attention import HEAD_DIMS
 from speedrun import ablation, checkpoint, distributed, optim, runlog
+from speedrun.cli import ArgumentParser, UsageError
+from speedrun.cli import run as run_cli
 from speedrun.data import fineweb, synthetic
 from speedrun.gpt import baseline
 from speedrun.gpt.model import FAMILIES as MODEL_FAMILIES
@@ -79,7 +84,9 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA if available), cuda, cpu")
     seed: int = option(0, "seed for the model's initialization")
     # outputs
-    run_dir: str | None = option(None, "output folder (default runs/<preset>-<time>)")
+    run_dir: str | None = option(None, "output folder (default runs/gpt-<preset>-<time>); an existing one is "
+                                       "refused unless --overwrite")
+    overwrite: bool = option(False, "replace an existing --run-dir (its log, metrics and checkpoints are lost)")
     log_every: int = option(10, "read the training loss back every this many steps (a host sync)")
     save_every: int = option(0, "write a checkpoint every this many steps (0 = never; always at the end if >0)")
     resume: str | None = option(None, "checkpoint to resume from: continues exactly where it stopped")
@@ -90,9 +97,10 @@ class TrainConfig:
 PRESETS = {
     # The 2025-01-26 record: 8 x 48K tokens per step, 1770 steps, val every 125 over 10.5M tokens.
     "record": {},
-    # A tiny model on the embedded corpus: a CPU trains it in a few minutes and its val loss
-    # falls clearly toward the corpus's entropy rate.
-    "smoke": dict(steps=120, batch_tokens=1024, seq_len=1024, window_max=512, val_every=40,
+    # A tiny model on the embedded corpus: its val loss falls clearly toward the corpus's
+    # entropy rate.  1024 tokens per step as 2 passes of 512 on one process, or one per rank
+    # under `torchrun --nproc_per_node=2` (the same run).
+    "smoke": dict(steps=120, batch_tokens=1024, seq_len=512, window_max=512, val_every=40,
                   val_tokens=8 * 1024, val_seq_len=2048, muon_momentum_warmup=40,
                   num_layers=4, model_dim=128, num_heads=2, head_dim=64, mlp_dim=512, windows="LSSL",
                   value_embeds=1, log_every=10, profile_steps="3:5"),
@@ -100,20 +108,25 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, str]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m speedrun.gpt",
         description="Train the NanoGPT speedrun model (the 2025-01-26 record recipe). "
                     "Launch with torchrun for several GPUs; a preset sets the defaults, any option overrides.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Defaults shown are the record preset's; --preset smoke changes: "
+               + ", ".join(f"{k}={v}" for k, v in PRESETS["smoke"].items()) + ".")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="record",
                         help="record: the record's configuration; smoke: a tiny model on the embedded corpus")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{field.metadata['help']} (default: {field.default})")
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=field.metadata["help"])
+            choices = {"compile": ("auto", "on", "off"), "device": ("auto", "cuda", "cpu")}.get(field.name)
+            parser.add_argument(flag, type=kind, default=None, choices=choices,
+                                help=field.metadata["help"] + ("" if field.default is None else
+                                                               f" (default: {field.default})"))
     args = parser.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != "preset"}}
     return TrainConfig(**values), args.preset
@@ -126,21 +139,79 @@ def window_blocks(step: int, total: int, window_max: int) -> int:
     return max(1, math.ceil(grown / baseline.FLEX_BLOCK))
 
 
+def profile_window(spec: str) -> tuple[int, int]:
+    """--profile-steps "start:end" -> (start, end), 0 <= start < end."""
+    parts = spec.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+        raise UsageError(f"--profile-steps must be START:END with 0 <= START < END (e.g. 10:13), got {spec!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def check_config(cfg: TrainConfig, world_size: int) -> int:
-    """Validate the shapes against the world size; returns gradient-accumulation steps."""
-    if cfg.seq_len % baseline.FLEX_BLOCK or cfg.val_seq_len % baseline.FLEX_BLOCK:
-        raise ValueError(f"--seq-len and --val-seq-len must be multiples of {baseline.FLEX_BLOCK}")
+    """Validate every option before anything is trained or written (UsageError naming the
+    option and what to do); returns the gradient-accumulation steps."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    block = baseline.FLEX_BLOCK
+    for name in ("steps", "log_every", "batch_tokens", "seq_len", "val_tokens", "val_seq_len", "num_layers",
+                 "model_dim", "num_heads", "head_dim", "mlp_dim"):
+        require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("val_every", "save_every", "muon_momentum_warmup", "value_embeds"):
+        require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0 = off), "
+                                         f"got {getattr(cfg, name)}")
+    for name in ("muon_lr", "head_lr", "embed_lr", "scalar_lr"):
+        require(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    require(0 <= cfg.cooldown_frac <= 1, f"--cooldown-frac must be in [0, 1], got {cfg.cooldown_frac}")
+    for name in ("muon_momentum", "muon_momentum_start"):
+        require(0 <= getattr(cfg, name) < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    require(cfg.seq_len % block == 0 and cfg.val_seq_len % block == 0,
+            f"--seq-len ({cfg.seq_len}) and --val-seq-len ({cfg.val_seq_len}) must be multiples of {block}")
+    require(block <= cfg.window_max <= cfg.seq_len,
+            f"--window-max must be in [{block}, --seq-len {cfg.seq_len}] tokens, got {cfg.window_max}")
     per_pass = world_size * cfg.seq_len
-    if cfg.batch_tokens % per_pass:
-        raise ValueError(f"--batch-tokens ({cfg.batch_tokens}) must be a multiple of world_size x seq_len "
-                         f"({world_size} x {cfg.seq_len})")
-    if cfg.val_tokens < world_size * cfg.val_seq_len:
-        raise ValueError("--val-tokens must cover at least one --val-seq-len pass per GPU")
+    require(cfg.batch_tokens % per_pass == 0,
+            f"--batch-tokens ({cfg.batch_tokens}) must be a multiple of processes x --seq-len ({world_size} x "
+            f"{cfg.seq_len} = {per_pass}): use --batch-tokens {max(1, cfg.batch_tokens // per_pass) * per_pass}")
+    require(cfg.val_tokens >= world_size * cfg.val_seq_len,
+            f"--val-tokens ({cfg.val_tokens}) must cover one --val-seq-len pass per process "
+            f"({world_size} x {cfg.val_seq_len})")
+    # The shards hold GPT-2 token ids, up to EOT = 50256, whatever the corpus.
+    require(cfg.vocab_size >= 50257, f"--vocab-size must be >= 50257 (the shards hold GPT-2 token ids up to "
+                                     f"50256), got {cfg.vocab_size}")
+    require(cfg.num_heads * cfg.head_dim == cfg.model_dim,
+            f"--num-heads x --head-dim ({cfg.num_heads} x {cfg.head_dim}) must equal --model-dim ({cfg.model_dim})")
+    require(cfg.num_layers % 2 == 0, f"--num-layers must be even (the U-net pairs layers), got {cfg.num_layers}")
+    require(len(cfg.windows) == cfg.num_layers and not set(cfg.windows) - set("LS-"),
+            f"--windows needs one of L/S/- per layer ({cfg.num_layers}), got {cfg.windows!r}")
+    require(cfg.value_embeds <= cfg.num_layers // 2,
+            f"--value-embeds must be at most --num-layers / 2 = {cfg.num_layers // 2}, got {cfg.value_embeds}")
+    try:
+        chosen = ablation.parse_kernels(cfg.kernels, FAMILIES)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    require(chosen["attention"] != "ours" or cfg.head_dim in HEAD_DIMS,
+            f"--head-dim must be one of {HEAD_DIMS} for our attention kernel (or --kernels attention=flex), "
+            f"got {cfg.head_dim}")
+    profile_window(cfg.profile_steps)
+    require(cfg.device != "cuda" or torch.cuda.is_available(),
+            "--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
+    if cfg.data is not None:
+        require(Path(cfg.data).is_dir(), f"--data must be a folder of fineweb_train_*.bin and fineweb_val_*.bin "
+                                         f"shards, got {cfg.data!r} ({'a file' if Path(cfg.data).exists() else 'missing'}); "
+                                         f"{fineweb.DOWNLOAD_HINT}")
+    if cfg.resume is not None:
+        require(Path(cfg.resume).is_file(), f"--resume {cfg.resume}: no such checkpoint file")
     return cfg.batch_tokens // per_pass
 
 
 def data_files(cfg: TrainConfig) -> tuple[Path, float | None]:
     """(shard folder, entropy rate in nats/token if the corpus is the synthetic one)."""
+    if cfg.data is not None:
+        for split in ("train", "val"):
+            if not list(Path(cfg.data).glob(f"fineweb_{split}_*.bin")):
+                raise UsageError(f"--data {cfg.data} holds no fineweb_{split}_*.bin shard; {fineweb.DOWNLOAD_HINT}")
     if cfg.data is not None:
         return Path(cfg.data), None
     folder = synthetic.ensure_corpus()
@@ -154,7 +225,7 @@ def val_loader(folder: Path, cfg: TrainConfig, ctx: distributed.Dist) -> fineweb
                                               rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     passes, available = cfg.val_tokens // loader.global_batch_tokens, loader.batches_per_pass()
     if passes > available:
-        raise ValueError(f"--val-tokens {cfg.val_tokens:,} needs {passes} passes of {loader.global_batch_tokens:,} "
+        raise UsageError(f"--val-tokens {cfg.val_tokens:,} needs {passes} passes of {loader.global_batch_tokens:,} "
                          f"tokens, but the val shards in {folder} serve {available}: use --val-tokens "
                          f"{available * loader.global_batch_tokens:,} or less (or a smaller --val-seq-len)")
     return loader
@@ -175,7 +246,13 @@ def evaluate(model, folder: Path, cfg: TrainConfig, ctx: distributed.Dist, block
 
 
 def main(argv=None) -> int:
+    """The trainer: user errors are one `error:` line and status 2 (speedrun.cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
     cfg, preset = parse_args(argv)
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     ctx = distributed.setup(cfg.device)
     clean = False
     try:
@@ -189,15 +266,39 @@ def main(argv=None) -> int:
 def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     accumulation = check_config(cfg, ctx.world_size)
     chosen = ablation.parse_kernels(cfg.kernels, FAMILIES)
+    # ---- everything a user can get wrong is checked before the run folder exists
+    folder, entropy_rate = data_files(cfg)
+    try:  # the loaders check every shard's header: a bad file fails here, named
+        val_loader(folder, cfg, ctx)  # a val split too short for --val-tokens fails here, before training
+        train_loader = fineweb.TokenLoader.from_pattern(folder, split="train",
+                                                        global_batch_tokens=ctx.world_size * cfg.seq_len,
+                                                        rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                                                        wrap=cfg.data is None)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"--data: {error}") from None
+    model_fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in MODEL_FIELDS}
+    state = None
+    if cfg.resume:
+        state = checkpoint.load(cfg.resume, map_location="cpu")
+        if state["model_config"] != dataclasses.asdict(GPTConfig(**model_fields)):
+            raise UsageError(f"--resume {cfg.resume}: its model configuration differs from this run's; "
+                             "resume with the options of the run that wrote it")
+        if state["step"] >= cfg.steps:
+            raise UsageError(f"--resume {cfg.resume} is at step {state['step']}, not before --steps {cfg.steps}: "
+                             "nothing left to train (raise --steps)")
     run_dir = Path(cfg.run_dir or f"runs/gpt-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise UsageError(f"--run-dir {run_dir} already holds a run: choose another folder, or add --overwrite "
+                         "to replace it")
+    distributed.barrier()  # every rank has seen the old folder before rank 0 replaces it
+    if run_dir.exists() and cfg.overwrite and ctx.is_main:
+        shutil.rmtree(run_dir)
     log = runlog.RunLog(run_dir, enabled=ctx.is_main)
     log.header(dataclasses.asdict(cfg), runlog.environment(), ablation.describe(chosen, FAMILIES))
-    folder, entropy_rate = data_files(cfg)
-    val_loader(folder, cfg, ctx)  # a val split too short for --val-tokens fails here, before training
 
     # ---- model and optimizers
     torch.manual_seed(cfg.seed)
-    model_config = GPTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in MODEL_FIELDS})
+    model_config = GPTConfig(**model_fields)
     model = GPT(model_config, {f: chosen[f] for f in MODEL_FAMILIES}).to(ctx.device)
     groups = model.parameter_groups()
     orthogonalize = baseline.record_newton_schulz if chosen["newton_schulz"] == "torch" else None
@@ -211,14 +312,8 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
              f"step(s) x {ctx.world_size} process(es) x {cfg.seq_len} tokens; compile={use_compile}")
 
     # ---- data, and the position to start from
-    train_loader = fineweb.TokenLoader.from_pattern(folder, split="train", global_batch_tokens=ctx.world_size * cfg.seq_len,
-                                                    rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                                                    wrap=cfg.data is None)
     start_step, training_time_ms = 0, 0.0
-    if cfg.resume:
-        state = checkpoint.load(cfg.resume, map_location=ctx.device)
-        if state["model_config"] != dataclasses.asdict(model_config):
-            raise ValueError(f"--resume {cfg.resume}: its model configuration differs from this run's")
+    if state is not None:
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -227,16 +322,24 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
         start_step, training_time_ms = state["step"], state["training_time_ms"]
         log.line(f"resumed from {cfg.resume} at step {start_step}")
 
+    # The training loss summed since its last read-back: part of the state, so a resumed run
+    # logs the same train_loss as an uninterrupted one.
+    step_loss = torch.zeros((), device=ctx.device)
+    if state is not None and "step_loss" in state:
+        step_loss.fill_(state["step_loss"])
+
     def save(step: int) -> None:
+        pending_loss = distributed.all_reduce_mean(step_loss.clone()).item()  # every rank takes part
         if ctx.is_main:
             path = checkpoint.save(run_dir / "checkpoints" / f"step{step:06d}.pt", {
-                "step": step, "training_time_ms": training_time_ms, "config": dataclasses.asdict(cfg),
+                "step": step, "training_time_ms": training_time_ms, "step_loss": pending_loss,
+                "config": dataclasses.asdict(cfg),
                 "model_config": dataclasses.asdict(model_config),
                 "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
                 "train_loader": train_loader.state_dict(), "rng": checkpoint.rng_state()})
             log.line(f"checkpoint: {path}")
 
-    trace_start, trace_end = (int(s) for s in cfg.profile_steps.split(":"))
+    trace_start, trace_end = profile_window(cfg.profile_steps)
     profiler = Profiler(run_dir / "profile", enabled=cfg.profile, device=ctx.device,
                         trace_window=(trace_start, trace_end), rank=ctx.rank)
     synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
@@ -245,7 +348,6 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     # ---- the loop: validate, then train one step, until the last validation
     synchronize()
     t0 = time.perf_counter()
-    step_loss = torch.zeros((), device=ctx.device)
     for step in range(start_step, cfg.steps + 1):
         last_step = step == cfg.steps
         blocks = window_blocks(step, cfg.steps, cfg.window_max)
@@ -257,10 +359,10 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
             synchronize()
             training_time_ms += 1000 * (time.perf_counter() - t0)
             val_loss = evaluate(step_model, folder, cfg, ctx, blocks)
-            avg = training_time_ms / max(timed_steps, 1) if timed_steps > 0 else float("nan")
+            avg = f" step_avg:{training_time_ms / timed_steps:.2f}ms" if timed_steps > 0 else ""
             floor = f" (corpus entropy rate {entropy_rate:.4f})" if entropy_rate is not None else ""
-            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} train_time:{training_time_ms:.0f}ms "
-                     f"step_avg:{avg:.2f}ms")
+            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} train_time:{training_time_ms:.0f}ms"
+                     f"{avg}")
             log.metric({"event": "val", "step": step, "val_loss": val_loss, "entropy_rate": entropy_rate,
                         "train_time_ms": training_time_ms})
             synchronize()
@@ -288,8 +390,9 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
                 model.zero_grad(set_to_none=True)
 
         approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-        avg = approx_ms / timed_steps if timed_steps > 0 else float("nan")
-        log.quiet_line(f"step:{step + 1}/{cfg.steps} train_time:{approx_ms:.0f}ms step_avg:{avg:.2f}ms")
+        done_timed = timed_steps + 1  # this step is done: the same divisor as the val line at the next step
+        avg = f" step_avg:{approx_ms / done_timed:.2f}ms" if done_timed > 0 else " (warm-up, not timed)"
+        log.quiet_line(f"step:{step + 1}/{cfg.steps} train_time:{approx_ms:.0f}ms{avg}")
         record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "window_blocks": blocks}
         if (step + 1) % cfg.log_every == 0:
             record["train_loss"] = distributed.all_reduce_mean(step_loss).item() / cfg.log_every
