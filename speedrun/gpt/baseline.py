@@ -144,9 +144,13 @@ class _ScaledMMLinear(torch.autograd.Function):
         return grad_x, grad_w.to(ctx.weight_dtype), None, None, None
 
 
-def record_head_loss(x, weight, targets, *, x_scale, w_scale, grad_scale, cap, scale) -> torch.Tensor:
-    """Mean loss of 30*sigmoid(logits/7.5) over the FP8 head's bf16 logits, as the record."""
-    logits = _ScaledMMLinear.apply(x, weight, x_scale, w_scale, grad_scale)
+def record_head_loss(x, weight, targets, *, fp8=True, x_scale, w_scale, grad_scale, cap, scale) -> torch.Tensor:
+    """Mean loss of 30*sigmoid(logits/7.5) over the head's bf16 logits, as the record: the FP8
+    head (fp8=True, training) or F.linear with the weight cast to x's dtype (validation)."""
+    if fp8:
+        logits = _ScaledMMLinear.apply(x, weight, x_scale, w_scale, grad_scale)
+    else:
+        logits = F.linear(x, weight.type_as(x))
     capped = cap * torch.sigmoid(logits.float() / scale)
     return F.cross_entropy(capped, targets)
 

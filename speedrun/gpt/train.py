@@ -71,6 +71,9 @@ class TrainConfig:
     mlp_dim: int = option(3072, "MLP hidden width")
     windows: str = option("LSSSLSS-SSSL", "per layer: L long window, S short, - no attention")
     value_embeds: int = option(3, "value-embedding tables, used by the first and last that-many layers")
+    attention_window: str = option("blocks", "our attention kernel's windows: blocks (the record's: whole 128-token "
+                                             "key blocks, short = half the blocks, at least 1) or exact (token "
+                                             "windows of blocks*128 and half that: a different model)")
     # implementation
     kernels: str = option("auto", "implementation per op family: auto (ours), off (the record's torch.compile/"
                                   "FlexAttention/_scaled_mm path), or e.g. attention=flex,mlp=ours; families: "
@@ -124,6 +127,16 @@ def window_blocks(step: int, total: int, window_max: int) -> int:
     rounded up to whole blocks (the record: 1728 * step/total, rounded up, 1..14 blocks)."""
     grown = (window_max - 64) * step / total
     return max(1, math.ceil(grown / baseline.FLEX_BLOCK))
+
+
+def attention_windows(choice: str, attention_window: str, compiled: bool) -> str:
+    """The log line's account of the attention pattern actually trained."""
+    if choice == "flex":
+        how = "the record's BlockMask (whole 128-token key blocks)"
+        return how + ("" if compiled else "; " + baseline.EAGER_ATTENTION_NOTE)
+    if attention_window == "exact":
+        return "exact token windows (--attention-window exact: not the record's block-granular pattern)"
+    return "whole 128-token key blocks, as the record's BlockMask (--attention-window blocks)"
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> int:
@@ -197,7 +210,8 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
 
     # ---- model and optimizers
     torch.manual_seed(cfg.seed)
-    model_config = GPTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in MODEL_FIELDS})
+    model_config = GPTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in MODEL_FIELDS},
+                             max_seq_len=max(cfg.seq_len, cfg.val_seq_len))  # the rotary table covers validation
     model = GPT(model_config, {f: chosen[f] for f in MODEL_FAMILIES}).to(ctx.device)
     groups = model.parameter_groups()
     orthogonalize = baseline.record_newton_schulz if chosen["newton_schulz"] == "torch" else None
@@ -209,6 +223,7 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     step_model = torch.compile(model) if use_compile else model
     log.line(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {accumulation} accumulation "
              f"step(s) x {ctx.world_size} process(es) x {cfg.seq_len} tokens; compile={use_compile}")
+    log.line(f"attention windows: {attention_windows(chosen['attention'], cfg.attention_window, use_compile)}")
 
     # ---- data, and the position to start from
     train_loader = fineweb.TokenLoader.from_pattern(folder, split="train", global_batch_tokens=ctx.world_size * cfg.seq_len,
