@@ -166,24 +166,33 @@ def relu2_mlp(x, w_fc, w_proj):
 
 # ---- attention --------------------------------------------------------------------------
 
-def attention_mask(length, *, window=None, doc_ids=None, device=None):
-    """Boolean [B or 1, T, T]: query i may attend key j (causal, window, same document)."""
+def attention_mask(length, *, window=None, doc_ids=None, device=None, block_size=None):
+    """Boolean [B or 1, T, T]: query i may attend key j (causal, window, same document).
+
+    The window counts tokens (i - j < window), or with block_size whole key blocks of
+    block_size tokens (i // block_size - j // block_size < window // block_size).
+    """
     i = torch.arange(length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
     allowed = j <= i
     if window is not None:
-        allowed = allowed & (i - j < window)
+        if block_size is None:
+            allowed = allowed & (i - j < window)
+        else:
+            allowed = allowed & (i // block_size - j // block_size < window // block_size)
     allowed = allowed[None]
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
     return allowed
 
 
-def sliding_window_attention(q, k, v, *, window=None, doc_ids=None, scale=None):
+def sliding_window_attention(q, k, v, *, window=None, doc_ids=None, scale=None, block_size=None):
     """softmax(scale * q k^T, masked) v per batch and head; q, k, v [B, T, H, D] -> [B, T, H, D].
 
     Query i attends key j iff j <= i, i - j < window (None: unlimited) and
-    doc_ids[b, j] == doc_ids[b, i] (None: one document).  scale defaults to D**-0.5.
+    doc_ids[b, j] == doc_ids[b, i] (None: one document).  With block_size the window
+    counts whole blocks instead: i // block_size - j // block_size < window // block_size
+    (the 2025-01 record's BlockMask at block_size=128).  scale defaults to D**-0.5.
     Dense: scores and probabilities in fp32 (fp64 for fp64 inputs), output in q's dtype.
     Every query sees itself, so no row is fully masked.
     """
@@ -191,7 +200,7 @@ def sliding_window_attention(q, k, v, *, window=None, doc_ids=None, scale=None):
     compute = _compute_dtype(q.dtype)
     scale = head_dim ** -0.5 if scale is None else scale
     scores = torch.einsum("bihd,bjhd->bhij", q.to(compute), k.to(compute)) * scale
-    allowed = attention_mask(length, window=window, doc_ids=doc_ids, device=q.device)
+    allowed = attention_mask(length, window=window, doc_ids=doc_ids, device=q.device, block_size=block_size)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     out = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), v.to(compute))
     return out.to(q.dtype)

@@ -10,14 +10,21 @@ Backends:
              when TRITON_INTERPRET=1 and the backend is set to "triton" explicitly.
   reference  plain PyTorch, dense O(T^2) memory: CPU tensors under `auto`.
 
+The window.  Exact (block_size None): query i sees keys j > i - window.  Block-granular
+(block_size = 128, the 2025-01 record's FlexAttention BlockMask): the window is
+window // block_size whole key blocks ending with i's own block, so query i sees keys
+j >= edge(i) = (i // block_size + 1) * block_size - window; exact is block_size 1 in the
+same formula.  The kernels take block_size as the constexpr WINDOW_BLOCK (1 or 128:
+two compiled variants; a new window value still compiles nothing).
+
 How the kernels skip work.  Query i sees keys j in [lo(i), i] with
-lo(i) = max(i - window + 1, start of i's document) (documents are runs of equal
-doc_ids).  For a block of queries [m0, m_last] the visible keys lie in
-[lo(m0), m_last], because lo never decreases with i; only the key blocks meeting that
-range are loaded.  Inside it, a key block is *full* (every pair visible, no mask
-evaluated) when it ends at or before m0 (causal), starts at or after m_last - window + 1
-(window) and the query block and the keys all belong to one document; only the other,
-*partial* blocks evaluate the exact per-element mask (causal, window, equal doc ids).
+lo(i) = max(edge(i), start of i's document) (documents are runs of equal doc_ids).
+For a block of queries [m0, m_last] the visible keys lie in [lo(m0), m_last], because
+lo never decreases with i; only the key blocks meeting that range are loaded.  Inside
+it, a key block is *full* (every pair visible, no mask evaluated) when it ends at or
+before m0 (causal), starts at or after edge(m_last) (window) and the query block and the
+keys all belong to one document; only the other, *partial* blocks evaluate the
+per-element mask (causal, window edge, equal doc ids).
 The ranges come from `_key_blocks` / `_query_blocks` below, computed on the device per
 program from doc_ids and window: no host synchronization, no dense mask, nothing
 precomputed.  Document starts are found by scanning doc_ids backwards from m0 in
@@ -56,9 +63,24 @@ SCAN_CHUNK = 1024
 # ---- mask and block ranges: written once, shared by forward and backward ---------------
 
 @triton.jit
-def _visible(q_pos, k_pos, q_doc, k_doc, window, HAS_DOCS: tl.constexpr):
-    """Exact mask on broadcastable position / doc-id tensors: may query q_pos see key k_pos?"""
-    ok = (k_pos <= q_pos) & (q_pos - k_pos < window)
+def _window_edge(q_pos, window, WINDOW_BLOCK: tl.constexpr):
+    """First key the window lets query q_pos see: q_pos - window + 1 for an exact window
+    (WINDOW_BLOCK = 1); the first key of the oldest of the window // WINDOW_BLOCK key blocks
+    ending with q_pos's own block for a block-granular one."""
+    return (q_pos // WINDOW_BLOCK + 1) * WINDOW_BLOCK - window
+
+
+@triton.jit
+def _last_query(k_pos, window, WINDOW_BLOCK: tl.constexpr):
+    """Last query whose window reaches key k_pos (the inverse of _window_edge): the largest i
+    with _window_edge(i) <= k_pos; k_pos + window - 1 for an exact window."""
+    return ((k_pos + window) // WINDOW_BLOCK) * WINDOW_BLOCK - 1
+
+
+@triton.jit
+def _visible(q_pos, k_pos, q_doc, k_doc, window, HAS_DOCS: tl.constexpr, WINDOW_BLOCK: tl.constexpr):
+    """The mask on broadcastable position / doc-id tensors: may query q_pos see key k_pos?"""
+    ok = (k_pos <= q_pos) & (k_pos >= _window_edge(q_pos, window, WINDOW_BLOCK))
     if HAS_DOCS:
         ok = ok & (q_doc == k_doc)
     return ok
@@ -96,21 +118,22 @@ def _run_end(doc_row, pos, limit, CHUNK: tl.constexpr):
 
 @triton.jit
 def _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr,
-                CHUNK: tl.constexpr):
+                CHUNK: tl.constexpr, WINDOW_BLOCK: tl.constexpr):
     """Key blocks for the query rows [m0, m_last]: (first, first full, end of full, end).
 
     Blocks [first, first_full) and [end_full, end) are partial (masked), blocks
     [first_full, end_full) are full (every pair visible).  q_docs: the rows' doc ids
     (rows past T repeat doc[T - 1]).
     """
-    lo = tl.maximum(m0 - window + 1, 0)
+    lo = tl.maximum(_window_edge(m0, window, WINDOW_BLOCK), 0)
     if HAS_DOCS:
         lo = _run_start(doc_row, m0, lo, CHUNK)
     first = lo // BLOCK_N
     end = m_last // BLOCK_N + 1
-    # Full keys: j <= m0 (causal for every row), j >= m_last - window + 1 (window for every
-    # row) and j >= lo (the document of m0, which is every row's when single_doc).
-    full_first = tl.cdiv(tl.maximum(m_last - window + 1, lo), BLOCK_N)
+    # Full keys: j <= m0 (causal for every row), j >= the window edge of m_last (window for
+    # every row: the edge never decreases) and j >= lo (the document of m0, which is every
+    # row's when single_doc).
+    full_first = tl.cdiv(tl.maximum(_window_edge(m_last, window, WINDOW_BLOCK), lo), BLOCK_N)
     full_end = (m0 + 1) // BLOCK_N
     no_full = full_end <= full_first
     if HAS_DOCS:  # rows (keys) of more than one document: every block needs the doc mask
@@ -122,20 +145,20 @@ def _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS: tl.constexpr, BLO
 
 @triton.jit
 def _query_blocks(doc_row, k_docs, n0, n_last, T, window, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  CHUNK: tl.constexpr):
+                  CHUNK: tl.constexpr, WINDOW_BLOCK: tl.constexpr):
     """Query blocks that see the key rows [n0, n_last]: (first, first full, end of full, end).
 
-    The mirror of _key_blocks: queries i >= n0, i <= n_last + window - 1, in the document
-    of n_last; full ones also have i >= n_last, i <= n0 + window - 1 and one document
+    The mirror of _key_blocks: queries i >= n0, i <= _last_query(n_last), in the document
+    of n_last; full ones also have i >= n_last, i <= _last_query(n0) and one document
     for all keys.  k_docs: the keys' doc ids (keys past T repeat doc[T - 1]).
     """
-    hi = tl.minimum(n_last + window - 1, T - 1)
+    hi = tl.minimum(_last_query(n_last, window, WINDOW_BLOCK), T - 1)
     if HAS_DOCS:
         hi = _run_end(doc_row, n_last, hi, CHUNK)
     first = n0 // BLOCK_M
     end = hi // BLOCK_M + 1
     full_first = tl.cdiv(n_last, BLOCK_M)
-    full_end = (tl.minimum(n0 + window - 1, hi) + 1) // BLOCK_M
+    full_end = (tl.minimum(_last_query(n0, window, WINDOW_BLOCK), hi) + 1) // BLOCK_M
     no_full = full_end <= full_first
     if HAS_DOCS:  # rows (keys) of more than one document: every block needs the doc mask
         no_full = no_full | (tl.min(k_docs, axis=0) != tl.max(k_docs, axis=0))
@@ -158,7 +181,8 @@ def _doc_ids_of(doc_row, pos, T, HAS_DOCS: tl.constexpr):
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
                 T, window, scale_log2, block_start, block_end,
-                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                WINDOW_BLOCK: tl.constexpr):
     """Online softmax over key blocks [block_start, block_end); MASKED evaluates the exact mask."""
     dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_N)
@@ -177,7 +201,7 @@ def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stri
         if MASKED:
             k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
             s = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
-                                  HAS_DOCS), s, float("-inf"))
+                                  HAS_DOCS, WINDOW_BLOCK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2)
         if MASKED:  # a row may have seen nothing yet: shift by 0, not -inf (no NaN)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -196,7 +220,7 @@ def _sliding_window_attn_fwd(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr,
+    SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
     """One program per (query block, head, batch): out rows [m0, m0 + BLOCK_M) and their lse."""
     head = tl.program_id(1)
@@ -211,7 +235,8 @@ def _sliding_window_attn_fwd(
     q = tl.load(q_ptrs, mask=q_pos[:, None] < T, other=0.0)
     doc_row = doc_ptr + batch * stride_docb
     q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
-    first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN)
+    first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
+                                                   WINDOW_BLOCK)
 
     k_head = k_ptr + batch * stride_kb + head * stride_kh
     v_head = v_ptr + batch * stride_vb + head * stride_vh
@@ -219,11 +244,13 @@ def _sliding_window_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
-                                T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+                                T, window, scale_log2, first, full_first,
+                                True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
-                                T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_N)
+                                T, window, scale_log2, full_first, full_end,
+                                False, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
-                                T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+                                T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
 
     in_range = q_pos < T
     l_i = tl.where(in_range, l_i, 1.0)  # rows past T saw nothing; they are not stored
@@ -260,7 +287,8 @@ def _sliding_window_attn_bwd_delta(
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
                  doc_row, T, window, scale_log2, block_start, block_end,
-                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 WINDOW_BLOCK: tl.constexpr):
     """Accumulate dK, dV (transposed layout: key rows) over query blocks [block_start, block_end)."""
     dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_M)
@@ -283,7 +311,7 @@ def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride
         if MASKED:
             q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
             p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], q_docs[None, :], k_docs[:, None], window,
-                                    HAS_DOCS), p_t, 0.0)
+                                    HAS_DOCS, WINDOW_BLOCK), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -298,7 +326,7 @@ def _sliding_window_attn_bwd_dkdv(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr,
+    SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
     """One program per (key block, head, batch): dK, dV of keys [n0, n0 + BLOCK_N).
 
@@ -319,7 +347,7 @@ def _sliding_window_attn_bwd_dkdv(
     doc_row = doc_ptr + batch * stride_docb
     k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _query_blocks(doc_row, k_docs, n0, n_last, T, window, HAS_DOCS,
-                                                     BLOCK_M, SCAN)
+                                                     BLOCK_M, SCAN, WINDOW_BLOCK)
 
     q_head = q_ptr + batch * stride_qb + head * stride_qh
     do_head = do_ptr + batch * stride_dob + head * stride_doh
@@ -328,11 +356,14 @@ def _sliding_window_attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
-                          doc_row, T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_M)
+                          doc_row, T, window, scale_log2, first, full_first,
+                          True, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
     dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
-                          doc_row, T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_M)
+                          doc_row, T, window, scale_log2, full_first, full_end,
+                          False, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
     dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
-                          doc_row, T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_M)
+                          doc_row, T, window, scale_log2, full_end, end,
+                          True, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
 
     # dk, dv are contiguous [B, T, H, D] with q's B, T, H.
     n_heads = tl.num_programs(1)
@@ -345,7 +376,8 @@ def _sliding_window_attn_bwd_dkdv(
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
                T, window, scale_log2, block_start, block_end,
-               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+               MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               WINDOW_BLOCK: tl.constexpr):
     """Accumulate dQ over key blocks [block_start, block_end)."""
     dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_N)
@@ -364,7 +396,7 @@ def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, 
         if MASKED:
             k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
             p = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
-                                  HAS_DOCS), p, 0.0)
+                                  HAS_DOCS, WINDOW_BLOCK), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -378,7 +410,7 @@ def _sliding_window_attn_bwd_dq(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr,
+    SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
     """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics."""
     head = tl.program_id(1)
@@ -399,17 +431,18 @@ def _sliding_window_attn_bwd_dq(
     delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
     doc_row = doc_ptr + batch * stride_docb
     q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
-    first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN)
+    first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
+                                                   WINDOW_BLOCK)
 
     k_head = k_ptr + batch * stride_kb + head * stride_kh
     v_head = v_ptr + batch * stride_vb + head * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
-                    T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+                    T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
     dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
-                    T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_N)
+                    T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
     dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
-                    T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N)
+                    T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
 
     n_heads = tl.num_programs(1)
     out_offsets = ((batch * T + m0) * n_heads + head) * HEAD_DIM + (rows[:, None] * n_heads * HEAD_DIM
@@ -441,9 +474,12 @@ def _new_output(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _kernel_window(window: int, length: int) -> int:
-    """window 0 means unlimited; i - j < T always holds, so min(window, T) is exact and fits int32."""
-    return length if window <= 0 else min(window, length)
+def _kernel_window(window: int, length: int, block_size: int = 1) -> int:
+    """The window as the kernels take it: window 0 means unlimited.  A window of T rounded up
+    to whole blocks already reaches key 0 from every query, so min(window, that) is exact,
+    stays a multiple of block_size and fits int32."""
+    whole = -(-length // block_size) * block_size
+    return whole if window <= 0 else min(window, whole)
 
 
 def _doc_args(doc_ids: Optional[torch.Tensor], device):
@@ -453,7 +489,7 @@ def _doc_args(doc_ids: Optional[torch.Tensor], device):
     return doc_ids, doc_ids.stride(0), True
 
 
-def _forward(q, k, v, doc_ids, window, scale, config=None):
+def _forward(q, k, v, doc_ids, window, scale, config=None, block_size=1):
     """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 in base-2 units of scale*log2(e)*q.k)."""
     batch, length, heads, head_dim = q.shape
     cfg = dict(config or CONFIGS[head_dim]["fwd"])
@@ -462,18 +498,18 @@ def _forward(q, k, v, doc_ids, window, scale, config=None):
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
     grid = (triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)
     _sliding_window_attn_fwd[grid](
-        q, k, v, docs, out, lse, length, _kernel_window(window, length), scale * LOG2_E,
+        q, k, v, docs, out, lse, length, _kernel_window(window, length, block_size), scale * LOG2_E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], doc_stride,
-        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, **cfg)
+        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None):
+def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None, block_size=1):
     """(dq, dk, dv), contiguous [B, T, H, D] in q's dtype."""
     batch, length, heads, head_dim = q.shape
     configs = config or CONFIGS[head_dim]
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
-    kernel_window = _kernel_window(window, length)
+    kernel_window = _kernel_window(window, length, block_size)
     if grad_out.stride(3) != 1:
         grad_out = grad_out.contiguous()
     delta = _new_output((batch, heads, length), torch.float32, q.device)
@@ -486,26 +522,27 @@ def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None):
     cfg = configs["dkdv"]
     _sliding_window_attn_bwd_dkdv[(triton.cdiv(length, cfg["BLOCK_N"]), heads, batch)](
         q, k, v, grad_out, lse, delta, docs, dk, dv, *common,
-        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, **cfg)
+        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     cfg = configs["dq"]
     _sliding_window_attn_bwd_dq[(triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)](
         q, k, v, grad_out, lse, delta, docs, dq, *common,
-        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, **cfg)
+        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return dq, dk, dv
 
 
 # ---- custom ops --------------------------------------------------------------------------
-# window travels as an int with 0 meaning unlimited (custom-op schemas want plain ints).
+# window travels as an int with 0 meaning unlimited, block_size as an int with 1 meaning an
+# exact token window (custom-op schemas want plain ints).
 
 @torch.library.custom_op("kernels::sliding_window_attention_fwd", mutates_args=())
 def _swa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
-                 window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 window: int, scale: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out [B, T, H, D] in q's dtype, lse [B, H, T] fp32 (base-2 units) for backward."""
-    return _forward(q, k, v, doc_ids, window, scale)
+    return _forward(q, k, v, doc_ids, window, scale, block_size=block_size)
 
 
 @_swa_forward.register_fake
-def _swa_forward_fake(q, k, v, doc_ids, window, scale):
+def _swa_forward_fake(q, k, v, doc_ids, window, scale, block_size):
     batch, length, heads, head_dim = q.shape
     return (q.new_empty((batch, length, heads, head_dim)),
             q.new_empty((batch, heads, length), dtype=torch.float32))
@@ -513,39 +550,39 @@ def _swa_forward_fake(q, k, v, doc_ids, window, scale):
 
 @torch.library.custom_op("kernels::sliding_window_attention_bwd", mutates_args=())
 def _swa_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, doc_ids: Optional[torch.Tensor], window: int, scale: float
+                  lse: torch.Tensor, doc_ids: Optional[torch.Tensor], window: int, scale: float, block_size: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the upstream gradient grad_out of out."""
-    return _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale)
+    return _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, block_size=block_size)
 
 
 @_swa_backward.register_fake
-def _swa_backward_fake(grad_out, q, k, v, out, lse, doc_ids, window, scale):
+def _swa_backward_fake(grad_out, q, k, v, out, lse, doc_ids, window, scale, block_size):
     batch, length, heads, head_dim = q.shape
     return tuple(q.new_empty((batch, length, heads, head_dim)) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, window, scale = inputs
+    q, k, v, doc_ids, window, scale, block_size = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-    ctx.window, ctx.scale = window, scale
+    ctx.window, ctx.scale, ctx.block_size = window, scale, block_size
     ctx.mark_non_differentiable(lse)
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, doc_ids = ctx.saved_tensors
-    dq, dk, dv = _swa_backward(grad_out, q, k, v, out, lse, doc_ids, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _swa_backward(grad_out, q, k, v, out, lse, doc_ids, ctx.window, ctx.scale, ctx.block_size)
+    return dq, dk, dv, None, None, None, None
 
 
 _swa_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, *, window, doc_ids, scale):
+def _attention_triton(q, k, v, *, window, doc_ids, scale, block_size):
     head_dim = q.shape[3]
     out, _ = _swa_forward(q, k, v, doc_ids, 0 if window is None else int(window),
-                          float(head_dim ** -0.5 if scale is None else scale))
+                          float(head_dim ** -0.5 if scale is None else scale), 1 if block_size is None else block_size)
     return out
 
 
@@ -554,7 +591,7 @@ _ATTENTION = {"reference": reference.sliding_window_attention, "triton": _attent
 
 # ---- public op -----------------------------------------------------------------------------
 
-def _validate(q, k, v, window, doc_ids, scale):
+def _validate(q, k, v, window, doc_ids, scale, block_size):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(name, t, dtypes=_checks.HALF_DTYPES, ndim=4)
     _checks.same_dtype(q=q, k=k, v=v)
@@ -572,6 +609,11 @@ def _validate(q, k, v, window, doc_ids, scale):
                              f"got strides {tuple(t.stride())}: call .contiguous() first")
     if window is not None:
         _checks.number("window", window, positive=True, integer=True)
+    if block_size is not None:
+        _checks.number("block_size", block_size, positive=True, integer=True)
+        if window is not None and window % block_size:
+            raise ValueError(f"window must be a whole number of blocks when block_size is given: "
+                             f"{window} is not a multiple of block_size {block_size}")
     if doc_ids is not None:
         _checks.tensor("doc_ids", doc_ids, dtypes=(torch.int32,), ndim=2)
         _checks.same_device(q=q, doc_ids=doc_ids)
@@ -584,7 +626,7 @@ def _validate(q, k, v, window, doc_ids, scale):
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              window: int | None = None, doc_ids: torch.Tensor | None = None,
-                             scale: float | None = None) -> torch.Tensor:
+                             scale: float | None = None, block_size: int | None = None) -> torch.Tensor:
     """Causal, sliding-window, document-masked multi-head attention.
 
     Args:
@@ -592,7 +634,14 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             D in (64, 128); unit stride along D (slices of a fused QKV tensor are fine:
             the Triton kernels read them in place, without copies).
         window: None (unlimited) or an int >= 1: query i attends key j only if i - j < window
-            (window=1: each query sees only itself).
+            (window=1: each query sees only itself); with block_size, only if
+            i // block_size - j // block_size < window // block_size.
+        block_size: None (the window counts tokens) or an int >= 1 dividing window: the
+            window counts whole key blocks of block_size tokens (positions [n*block_size,
+            (n+1)*block_size)).  A query sees every key of its document in its own block (up
+            to itself) and in the window // block_size - 1 blocks before it: the 2025-01
+            record's FlexAttention BlockMask with block_size=128 (its short window of
+            window_blocks // 2 blocks, at least 1).
         doc_ids: None (one document per sequence) or [B, T] int32: query i attends key j
             only if doc_ids[b, j] == doc_ids[b, i].  Documents are contiguous runs of
             equal ids (e.g. the cumsum of document starts); the Triton kernels rely on it.
@@ -608,6 +657,6 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     `auto` on CPU tensors).  The window is a run-time value: changing it recompiles no
     kernel.  No host synchronization; traces under torch.compile(fullgraph=True).
     """
-    _validate(q, k, v, window, doc_ids, scale)
+    _validate(q, k, v, window, doc_ids, scale, block_size)
     implementation = _ATTENTION[_backend.choose(OP, q.device)]
-    return implementation(q, k, v, window=window, doc_ids=doc_ids, scale=scale)
+    return implementation(q, k, v, window=window, doc_ids=doc_ids, scale=scale, block_size=block_size)

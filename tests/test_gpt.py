@@ -102,6 +102,8 @@ def test_our_mlp_and_head_match_the_record_formulation():
     inputs, targets = tokens[:-1].int(), tokens[1:].long()
     ours = tiny_model({"attention": "ours", "mlp": "ours", "head": "ours"})
     record = tiny_model({"attention": "ours", "mlp": "torch", "head": "torch"})
+    for model in (ours, record):  # the tolerance below was measured with exact windows (bf16 noise of 2 scalars)
+        model.config.attention_window = "exact"
     a, b = ours(inputs, targets, 2), record(inputs, targets, 2)
     a.backward()
     b.backward()

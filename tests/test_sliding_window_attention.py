@@ -54,12 +54,13 @@ def documents_of_lengths(lengths, t):
     return torch.tensor(ids[:t], dtype=torch.int32)[None]
 
 
-def run_triton(q, k, v, upstream, *, window, doc_ids, scale, config=None):
+def run_triton(q, k, v, upstream, *, window, doc_ids, scale, config=None, block_size=None):
     """(out, dq, dk, dv) from the Triton launchers directly (config: block sizes)."""
     d = q.shape[3]
     scale = d ** -0.5 if scale is None else scale
-    out, lse = swa._forward(q, k, v, doc_ids, window or 0, scale, config and config["fwd"])
-    dq, dk, dv = swa._backward(upstream, q, k, v, out, lse, doc_ids, window or 0, scale, config)
+    blocks = block_size or 1
+    out, lse = swa._forward(q, k, v, doc_ids, window or 0, scale, config and config["fwd"], block_size=blocks)
+    dq, dk, dv = swa._backward(upstream, q, k, v, out, lse, doc_ids, window or 0, scale, config, block_size=blocks)
     return out, dq, dk, dv
 
 
@@ -109,6 +110,32 @@ def test_triton_matches_reference(case, blocks, interpreter_device):
     assert_close_to_reference(result, oracle(q, k, v, upstream, **kwargs), torch.float16)
 
 
+BLOCK_CASES = {
+    # name: (B, T, H, D, window, block_size, doc_ids builder or None): block-granular windows
+    "the record's 1-block window, T not a multiple of 128": (1, 300, 1, 64, 128, 128,
+                                                             lambda b, t: documents_of_lengths([150, 20, 200], t)),
+    "the record's 2-block window, D=128": (1, 389, 2, 128, 256, 128, lambda b, t: documents(b, t, p_start=0.004)),
+    "16-token blocks, 3-block window, B=2": (2, 150, 1, 64, 48, 16, lambda b, t: documents(b, t, p_start=0.03)),
+    "16-token blocks, window past T": (1, 70, 1, 64, 96, 16, None),
+    "7-token blocks (do not divide the tiles)": (1, 100, 1, 64, 21, 7, lambda b, t: documents_of_lengths([30, 9], t)),
+}
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_triton_block_granular_window_matches_reference(case, blocks, interpreter_device):
+    b, t, h, d, window, block_size, make_docs = BLOCK_CASES[case]
+    q, k, v = qkv(b, t, h, d, torch.float16, seed=len(case), device=interpreter_device)
+    upstream = torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(3)).half().to(interpreter_device)
+    doc_ids = make_docs(b, t).to(interpreter_device) if make_docs else None
+    kwargs = dict(window=window, doc_ids=doc_ids, scale=0.12, block_size=block_size)
+    result = run_triton(q, k, v, upstream, config=SMALL if blocks == "small" else None, **kwargs)
+    assert_close_to_reference(result, oracle(q, k, v, upstream, **kwargs), torch.float16)
+    # ... and, for a window shorter than T, the block-granular mask is not the exact one.
+    blocked = reference.attention_mask(t, window=window, doc_ids=doc_ids, block_size=block_size)
+    assert torch.equal(blocked, reference.attention_mask(t, window=window, doc_ids=doc_ids)) == (window >= t)
+
+
 def test_document_scan_over_many_chunks(monkeypatch, interpreter_device):
     # With 16-id scan chunks, finding a document's start or end takes several steps.
     monkeypatch.setattr(swa, "SCAN_CHUNK", 16)
@@ -155,11 +182,12 @@ def test_strided_slices_of_a_fused_qkv_are_read_in_place(interpreter_device):
 
 @triton.jit
 def _key_blocks_probe(doc_ptr, out_ptr, T, window, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+                      BLOCK_N: tl.constexpr, SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     q_docs = swa._doc_ids_of(doc_ptr, m0 + tl.arange(0, BLOCK_M), T, HAS_DOCS)
-    first, full_first, full_end, end = swa._key_blocks(doc_ptr, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN)
+    first, full_first, full_end, end = swa._key_blocks(doc_ptr, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
+                                                       WINDOW_BLOCK)
     base = out_ptr + tl.program_id(0) * 4
     tl.store(base, first)
     tl.store(base + 1, full_first)
@@ -169,12 +197,12 @@ def _key_blocks_probe(doc_ptr, out_ptr, T, window, HAS_DOCS: tl.constexpr, BLOCK
 
 @triton.jit
 def _query_blocks_probe(doc_ptr, out_ptr, T, window, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+                        BLOCK_N: tl.constexpr, SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     n_last = tl.minimum(n0 + BLOCK_N, T) - 1
     k_docs = swa._doc_ids_of(doc_ptr, n0 + tl.arange(0, BLOCK_N), T, HAS_DOCS)
     first, full_first, full_end, end = swa._query_blocks(doc_ptr, k_docs, n0, n_last, T, window, HAS_DOCS,
-                                                         BLOCK_M, SCAN)
+                                                         BLOCK_M, SCAN, WINDOW_BLOCK)
     base = out_ptr + tl.program_id(0) * 4
     tl.store(base, first)
     tl.store(base + 1, full_first)
@@ -202,29 +230,143 @@ def _check_ranges(ranges, mask, own, other, t):
     return saw_full
 
 
-@pytest.mark.parametrize("t,window,lengths,bm,bn,expect_full", [
-    (200, 50, [40, 3, 1, 70, 9], 16, 32, True),
-    (200, 50, [40, 3, 1, 70, 9], 32, 16, True),
-    (173, None, [90, 20], 16, 16, True),
-    (173, 1, [5, 7], 16, 32, False),
-    (97, 300, None, 32, 16, True),
-    (130, 60, [200], 16, 32, True),
-    (130, 33, [200], 16, 32, False),  # a 16x32 tile spans 47 > 33 diagonals: never full
+@pytest.mark.parametrize("t,window,lengths,bm,bn,expect_full,block_size", [
+    (200, 50, [40, 3, 1, 70, 9], 16, 32, True, None),
+    (200, 50, [40, 3, 1, 70, 9], 32, 16, True, None),
+    (173, None, [90, 20], 16, 16, True, None),
+    (173, 1, [5, 7], 16, 32, False, None),
+    (97, 300, None, 32, 16, True, None),
+    (130, 60, [200], 16, 32, True, None),
+    (130, 33, [200], 16, 32, False, None),  # a 16x32 tile spans 47 > 33 diagonals: never full
+    # Block-granular windows (the record's BlockMask semantics at small block sizes).
+    (200, 48, [40, 3, 1, 70, 9], 16, 32, True, 16),
+    (200, 64, [40, 3, 1, 70, 9], 32, 16, True, 16),
+    (173, 16, [90, 20], 16, 16, False, 16),  # one block: only the diagonal tile, never full
+    (130, 56, [200], 16, 32, True, 8),
+    (131, 42, [60, 11], 16, 16, True, 7),  # 7-token blocks straddle the tiles
+    (97, 320, None, 32, 16, True, 64),  # a window past T, rounded to blocks
+    (300, 128, [150, 20], 32, 16, True, 128),
 ])
-def test_block_ranges_visit_exactly_the_visible_blocks(t, window, lengths, bm, bn, expect_full, interpreter_device):
+def test_block_ranges_visit_exactly_the_visible_blocks(t, window, lengths, bm, bn, expect_full, block_size,
+                                                       interpreter_device):
     doc_ids = documents_of_lengths(lengths, t) if lengths else None
-    mask = reference.attention_mask(t, window=window, doc_ids=doc_ids)[0]  # [query, key]
-    kernel_window = swa._kernel_window(window or 0, t)
+    mask = reference.attention_mask(t, window=window, doc_ids=doc_ids, block_size=block_size)[0]  # [query, key]
+    kernel_window = swa._kernel_window(window or 0, t, block_size or 1)
     docs = (doc_ids if doc_ids is not None else torch.zeros(1, t, dtype=torch.int32)).to(interpreter_device)
     key_ranges = torch.full((triton.cdiv(t, bm), 4), -1, dtype=torch.int32, device=interpreter_device)
     _key_blocks_probe[(key_ranges.shape[0],)](docs, key_ranges, t, kernel_window, HAS_DOCS=doc_ids is not None,
-                                              BLOCK_M=bm, BLOCK_N=bn, SCAN=16)
+                                              BLOCK_M=bm, BLOCK_N=bn, SCAN=16, WINDOW_BLOCK=block_size or 1)
     query_ranges = torch.full((triton.cdiv(t, bn), 4), -1, dtype=torch.int32, device=interpreter_device)
     _query_blocks_probe[(query_ranges.shape[0],)](docs, query_ranges, t, kernel_window,
-                                                  HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, SCAN=16)
+                                                  HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, SCAN=16,
+                                                  WINDOW_BLOCK=block_size or 1)
     saw_full = _check_ranges(key_ranges.cpu(), mask, bm, bn, t)
     assert _check_ranges(query_ranges.cpu(), mask.T, bn, bm, t) == saw_full
     assert saw_full == expect_full  # the unmasked path is exercised wherever it can be
+
+
+# ---- block-granular windows against the 2025-01 record's own BlockMask ---------------------
+
+def published_record_block_masks(docs, window_blocks):
+    """The record's create_blockmasks, rewritten here from its description: 128-token blocks;
+    a key block is listed for a query block when it is causal (kb <= qb) and their document
+    ranges overlap, as *full* when kb < qb and both lie in one document, else as *partial*
+    (where the mask_mod, causal + same document, decides per pair); each list is ordered
+    nearest block first; then build_bm(n) keeps min(partial, max(n - full, 1)) partial and
+    min(full, n - 1) full blocks, for the long window n = window_blocks and the short
+    n = window_blocks // 2 (0 at one block: the full count goes negative and lists nothing)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = docs.numel() // 128
+    first, last = docs.view(n, 128)[:, 0], docs.view(n, 128)[:, -1]
+    qb, kb = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    overlap = (first[:, None] <= last[None, :]) & (last[:, None] >= first[None, :])
+    listed = (kb <= qb) & overlap
+    full = (kb < qb) & (first[:, None] == last[:, None]) & (first[None, :] == last[None, :]) & \
+        (first[:, None] == first[None, :])
+    partial = listed & ~full
+
+    def ordered(dense):  # nearest (largest) listed block first, then the unlisted ones
+        key = torch.where(dense, kb.expand(n, n), kb.expand(n, n) - n)
+        return dense.sum(-1).int()[None, None], key.argsort(-1, descending=True).int()[None, None]
+
+    (p_count, p_idx), (f_count, f_idx) = ordered(partial), ordered(full)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+
+    def build(blocks):
+        return BlockMask.from_kv_blocks(torch.clamp_max(p_count, torch.clamp_min(blocks - f_count, 1)), p_idx,
+                                        torch.clamp_max(f_count, blocks - 1), f_idx, BLOCK_SIZE=128,
+                                        mask_mod=mask_mod)
+
+    return build(window_blocks), build(window_blocks // 2)
+
+
+def padded_record_docs(doc_ids):
+    """The record needs T to be a multiple of 128 (it asserts it; its sequences, 48Ki and
+    256Ki tokens, always are): an awkward T is padded with a document of its own at the end,
+    which no real query can see (it comes later), and the masks are compared on [:T, :T]."""
+    t = doc_ids.numel()
+    pad = -t % 128
+    return torch.cat([doc_ids.long(), torch.full((pad,), int(doc_ids.max()) + 1)])
+
+
+@pytest.mark.parametrize("t,lengths", [
+    (2000, "fineweb-like"),  # documents of ~600 tokens: the window binds inside documents
+    (1000, [3, 200, 1, 129, 127, 400, 60]),  # documents straddling, filling and missing blocks
+    (1920, [5000]),  # one document, T a multiple of 128
+])
+def test_block_granular_mask_is_the_records_blockmask_at_every_window_setting(t, lengths):
+    from speedrun.gpt import baseline
+
+    doc_ids = (fineweb_like_documents(t, 7, "cpu") if lengths == "fineweb-like"
+               else documents_of_lengths(lengths, t))
+    docs = padded_record_docs(doc_ids[0])
+    settings = 0
+    for window_blocks in range(1, 15):  # the record's schedule: 1..14 blocks of 128
+        published = published_record_block_masks(docs, window_blocks)
+        ours_baseline = baseline.record_block_masks(docs, window_blocks)
+        for blocks, published_mask, baseline_mask in zip((window_blocks, max(1, window_blocks // 2)), published,
+                                                         ours_baseline):
+            expected = baseline.record_dense_mask(published_mask)[:t, :t]
+            # torch's own decoding of the block lists (to_dense) agrees with record_dense_mask.
+            listed = published_mask.to_dense()[0, 0].bool().repeat_interleave(128, 0).repeat_interleave(128, 1)
+            causal_document = reference.attention_mask(docs.numel(), doc_ids=docs[None])[0]
+            assert torch.equal(baseline.record_dense_mask(published_mask), listed & causal_document)
+            assert torch.equal(baseline.record_dense_mask(baseline_mask)[:t, :t], expected)
+            mask = reference.attention_mask(t, window=blocks * 128, doc_ids=doc_ids, block_size=128)[0]
+            assert torch.equal(mask, expected), (window_blocks, blocks)
+            settings += 1
+    assert settings == 28
+
+
+def test_exact_window_is_not_the_records_pattern():
+    # Why block_size exists: at the record's first setting (1 block; short window 64 tokens
+    # exact, 1 block blocked) the exact token window lets through other pairs.
+    from speedrun.gpt import baseline
+
+    doc_ids = fineweb_like_documents(1024, 7, "cpu")
+    _, short = baseline.record_block_masks(doc_ids[0].long(), 1)
+    record = baseline.record_dense_mask(short)
+    assert not torch.equal(reference.attention_mask(1024, window=64, doc_ids=doc_ids)[0], record)
+    assert torch.equal(reference.attention_mask(1024, window=128, doc_ids=doc_ids, block_size=128)[0], record)
+
+
+def test_record_dense_mask_drives_the_eager_fallback():
+    # Eagerly, flex_sliding_window_attention masks SDPA with the BlockMask's own pairs, which
+    # equals our reference with the block-granular window (fp64: the same math up to rounding).
+    from speedrun.gpt import baseline
+
+    t = 384
+    doc_ids = documents_of_lengths([100, 250, 90], t)
+    long_mask, short_mask = baseline.record_block_masks(doc_ids[0].long(), 2)
+    q, k, v = qkv(1, t, 2, 64, torch.float64, seed=3)
+    for mask, window in ((long_mask, 256), (short_mask, 128)):
+        eager = baseline.flex_sliding_window_attention(q, k, v, mask, 0.12)
+        expected = reference.sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids, scale=0.12,
+                                                      block_size=128)
+        assert rel_err(eager, expected) < 1e-12
 
 
 def test_window_is_not_a_specialized_kernel_argument():
@@ -301,8 +443,8 @@ def test_fake_impls_give_shapes_without_running():
     with FakeTensorMode():
         q = torch.empty(2, 300, 6, 128, dtype=torch.bfloat16)
         docs = torch.empty(2, 300, dtype=torch.int32)
-        out, lse = torch.ops.kernels.sliding_window_attention_fwd(q, q, q, docs, 1792, 0.12)
-        grads = torch.ops.kernels.sliding_window_attention_bwd(q, q, q, q, out, lse, None, 0, 0.12)
+        out, lse = torch.ops.kernels.sliding_window_attention_fwd(q, q, q, docs, 1792, 0.12, 128)
+        grads = torch.ops.kernels.sliding_window_attention_bwd(q, q, q, q, out, lse, None, 0, 0.12, 1)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert lse.shape == (2, 6, 300) and lse.dtype == torch.float32
     assert all(g.shape == q.shape and g.dtype == torch.bfloat16 for g in grads)
@@ -368,6 +510,9 @@ def test_bad_tensors_raise_naming_them(make_args, exc, match, backend):
     ({"doc_ids": [[0] * 37] * 2}, TypeError, "doc_ids must be a torch.Tensor"),
     ({"scale": 0.0}, ValueError, "scale must be > 0"),
     ({"scale": "0.12"}, TypeError, "scale must be a number"),
+    ({"block_size": 0}, ValueError, "block_size must be > 0"),
+    ({"block_size": 16.0}, TypeError, "block_size must be an int"),
+    ({"window": 24, "block_size": 16}, ValueError, "window must be a whole number of blocks"),
 ])
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_bad_options_raise_naming_them(kwargs, exc, match, backend):
@@ -404,7 +549,9 @@ def _hopper_specs(dtype="bf16", head_dim=128):
         # and T multiples of 16 (window is excluded from specialization).
         divisible = [n for n in signature if n.endswith("_ptr") or n.startswith("stride") or n == "T"]
         specs.append({"module": "kernels.sliding_window_attention", "kernel": kernel, "signature": signature,
-                      "constexprs": {"HAS_DOCS": True, "HEAD_DIM": head_dim, "SCAN": swa.SCAN_CHUNK, **config},
+                      # The GPT trainer's default: the record's 128-token window blocks.
+                      "constexprs": {"HAS_DOCS": True, "HEAD_DIM": head_dim, "SCAN": swa.SCAN_CHUNK,
+                                     "WINDOW_BLOCK": 128, **config},
                       "num_warps": warps, "divisible_by_16": divisible})
     specs.append({"module": "kernels.sliding_window_attention", "kernel": "_sliding_window_attn_bwd_delta",
                   "signature": {"o_ptr": tensor, "do_ptr": tensor, "delta_ptr": "*fp32", "T": "i32",

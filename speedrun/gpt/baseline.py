@@ -62,11 +62,56 @@ def record_block_masks(docs: torch.Tensor, window_blocks: int) -> tuple[BlockMas
     return build(window_blocks), build(max(1, window_blocks // 2))
 
 
+def _listed_blocks(counts: torch.Tensor, indices: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
+    """Dense bool [Q blocks, KV blocks] of the first counts[q] entries of each row of indices."""
+    counts, indices = counts[0, 0], indices[0, 0].long()
+    keep = torch.arange(indices.shape[-1], device=indices.device) < counts[:, None]  # a count < 0 lists nothing
+    dense = torch.zeros(indices.shape[0], n_kv_blocks, dtype=torch.bool, device=indices.device)
+    return dense.scatter_(1, indices, keep)  # each row of indices is a permutation: no index repeats
+
+
+def record_dense_mask(block_mask: BlockMask) -> torch.Tensor:
+    """Bool [T, T]: the (query, key) pairs a BlockMask lets through, as compiled FlexAttention reads it.
+
+    Key blocks listed as full pass every pair; those listed as partial pass the pairs their
+    mask_mod allows; unlisted blocks pass none.  (Eager FlexAttention instead evaluates the
+    mask_mod on every pair and ignores which blocks are listed: for the record's masks
+    that drops the sliding window.)
+    """
+    length, kv_length = block_mask.seq_lengths
+    q_blocks, kv_blocks = -(-length // FLEX_BLOCK), -(-kv_length // FLEX_BLOCK)
+    partial = _listed_blocks(block_mask.kv_num_blocks, block_mask.kv_indices, kv_blocks)[:q_blocks]
+    full = _listed_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, kv_blocks)[:q_blocks]
+
+    def tokens(blocks):
+        return blocks.repeat_interleave(FLEX_BLOCK, 0).repeat_interleave(FLEX_BLOCK, 1)[:length, :kv_length]
+
+    device = block_mask.kv_indices.device
+    q_idx = torch.arange(length, device=device)[:, None]
+    kv_idx = torch.arange(kv_length, device=device)[None, :]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return tokens(full) | (tokens(partial) & block_mask.mask_mod(zero, zero, q_idx, kv_idx))
+
+
 def flex_sliding_window_attention(q, k, v, block_mask: BlockMask, scale: float) -> torch.Tensor:
-    """q, k, v [1, T, H, D] -> [1, T, H, D] through FlexAttention (which wants [B, H, T, D])."""
-    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                         scale=scale)
+    """q, k, v [1, T, H, D] -> [1, T, H, D] through FlexAttention (which wants [B, H, T, D]).
+
+    Under torch.compile this is the record's fused FlexAttention.  Eager FlexAttention would
+    ignore the BlockMask's block lists (and so the sliding window), so eagerly the same
+    pairs, read off the BlockMask by record_dense_mask, mask a dense SDPA instead: O(T^2)
+    memory, as eager FlexAttention's own unfused path.
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if torch.compiler.is_compiling():
+        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=record_dense_mask(block_mask), scale=scale)
     return out.transpose(1, 2)
+
+
+EAGER_ATTENTION_NOTE = ("attention=flex without torch.compile: eager FlexAttention would ignore the BlockMask's "
+                        "sliding window, so the record's BlockMask is applied as a dense [T, T] mask through "
+                        "scaled_dot_product_attention (same pairs, O(T^2) memory)")
 
 
 # ---- head: FP8 matmul through torch._scaled_mm, then the softcapped loss -----------------
@@ -99,9 +144,13 @@ class _ScaledMMLinear(torch.autograd.Function):
         return grad_x, grad_w.to(ctx.weight_dtype), None, None, None
 
 
-def record_head_loss(x, weight, targets, *, x_scale, w_scale, grad_scale, cap, scale) -> torch.Tensor:
-    """Mean loss of 30*sigmoid(logits/7.5) over the FP8 head's bf16 logits, as the record."""
-    logits = _ScaledMMLinear.apply(x, weight, x_scale, w_scale, grad_scale)
+def record_head_loss(x, weight, targets, *, fp8=True, x_scale, w_scale, grad_scale, cap, scale) -> torch.Tensor:
+    """Mean loss of 30*sigmoid(logits/7.5) over the head's bf16 logits, as the record: the FP8
+    head (fp8=True, training) or F.linear with the weight cast to x's dtype (validation)."""
+    if fp8:
+        logits = _ScaledMMLinear.apply(x, weight, x_scale, w_scale, grad_scale)
+    else:
+        logits = F.linear(x, weight.type_as(x))
     capped = cap * torch.sigmoid(logits.float() / scale)
     return F.cross_entropy(capped, targets)
 

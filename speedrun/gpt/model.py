@@ -8,8 +8,11 @@ returns the mean loss of predicting the next token.
 Op families run through `kernels` (ours) or the record's own code (speedrun/gpt/
 baseline.py), chosen per family by the trainer's `--kernels` (speedrun/ablation.py):
 
-  attention  ours: kernels.sliding_window_attention (exact token window, document ids)
-             flex: FlexAttention with the record's BlockMask (window in whole 128-token blocks)
+  attention  ours: kernels.sliding_window_attention (document ids; the window in whole
+                   128-token key blocks as the record's BlockMask, or, with
+                   attention_window="exact", an exact token window)
+             flex: FlexAttention with the record's BlockMask (window in whole 128-token blocks;
+                   without torch.compile a dense mask read off that BlockMask, see baseline.py)
   mlp        ours: kernels.relu2_mlp       torch: F.linear / relu^2 / F.linear
   head       ours: kernels.linear_softcap_cross_entropy
              torch: torch._scaled_mm FP8 head, then 30*sigmoid(z/7.5) and F.cross_entropy
@@ -28,6 +31,7 @@ from speedrun.gpt import baseline
 from speedrun.profiler import label
 
 EOT = 50256  # GPT-2's <|endoftext|>: every document starts after one
+ATTENTION_WINDOWS = ("blocks", "exact")
 FAMILIES = {  # family -> (ours, the record's, other choices)
     "attention": ("ours", "flex"),
     "mlp": ("ours", "torch"),
@@ -48,7 +52,13 @@ class GPTConfig:
     windows: str = "LSSSLSS-SSSL"
     value_embeds: int = 3  # tables added to v in the first and the last this-many layers
     attention_scale: float = 0.12
-    max_seq_len: int = 64 * 1024  # rotary table length
+    # "blocks": the record's windows, whole 128-token key blocks (long = window_blocks
+    # blocks, short = window_blocks // 2, at least 1); "exact": exact token windows of
+    # window_blocks * 128 and half that (our kernel only; flex is always the record's).
+    attention_window: str = "blocks"
+    # Rotary table length: the longest sequence the model will see (the record's is its
+    # validation length, 4 * 64Ki; the trainer sets max(seq_len, val_seq_len)).
+    max_seq_len: int = 4 * 64 * 1024
     softcap: float = 30.0  # logits 30*sigmoid(z/7.5)
     softcap_scale: float = 7.5
     fp8_head: bool = True
@@ -70,6 +80,8 @@ class GPTConfig:
             raise ValueError(f"value_embeds must be in [0, num_layers/2], got {self.value_embeds}")
         if self.head_dim % 4:
             raise ValueError("head_dim must be a multiple of 4 (rotary on half the dims, in pairs)")
+        if self.attention_window not in ATTENTION_WINDOWS:
+            raise ValueError(f"attention_window must be one of {ATTENTION_WINDOWS}, got {self.attention_window!r}")
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +92,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """RoPE on half of the head dims: 32 frequencies (1/1024)**linspace(0, 1) for D = 128,
-    the other half of the dims passes through unrotated."""
+    the other half of the dims passes through unrotated.  One table of max_seq_len rows,
+    shared by every attention layer (the record keeps a copy per layer: same values)."""
 
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
@@ -91,6 +104,9 @@ class Rotary(nn.Module):
         self.register_buffer("sin", theta.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, H, D]
+        if x.size(1) > self.cos.size(0):
+            raise ValueError(f"a sequence of {x.size(1)} tokens is longer than the rotary table "
+                             f"({self.cos.size(0)} rows): raise GPTConfig.max_seq_len")
         cos = self.cos[None, : x.size(1), None, :]
         sin = self.sin[None, : x.size(1), None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
@@ -98,7 +114,7 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rotary: Rotary):
         super().__init__()
         self.config = config
         inner = config.num_heads * config.head_dim
@@ -107,7 +123,7 @@ class Attention(nn.Module):
         bound = 3 ** 0.5 * 0.5 * config.model_dim ** -0.5
         self.qkv_w = nn.Parameter(torch.empty(3, inner, config.model_dim).uniform_(-bound, bound))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0*v + l1*value_embed
-        self.rotary = Rotary(config.head_dim, config.max_seq_len)
+        self.rotary = rotary
         self.proj = nn.Parameter(torch.zeros(config.model_dim, inner))  # zero-init output projection
 
     def forward(self, x, value_embed, window, kernel_choice):
@@ -122,7 +138,8 @@ class Attention(nn.Module):
                 y = baseline.flex_sliding_window_attention(q, k, v, window.block_mask, self.config.attention_scale)
             else:
                 y = kernels.sliding_window_attention(q, k, v, window=window.tokens, doc_ids=window.doc_ids,
-                                                     scale=self.config.attention_scale)
+                                                     scale=self.config.attention_scale,
+                                                     block_size=window.block_size)
         return F.linear(y.reshape(B, T, H * D), self.proj.type_as(y))
 
 
@@ -144,9 +161,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, has_attention: bool):
+    def __init__(self, config: GPTConfig, rotary: Rotary | None):
         super().__init__()
-        self.attn = Attention(config) if has_attention else None
+        self.attn = Attention(config, rotary) if rotary is not None else None
         self.mlp = MLP(config)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # input = l0*x + l1*x0
 
@@ -159,11 +176,12 @@ class Block(nn.Module):
 
 @dataclasses.dataclass
 class Window:
-    """What one attention layer needs to mask: token window and document ids (ours), or the
-    record's BlockMask (flex)."""
+    """What one attention layer needs to mask: the window in tokens, its granularity
+    (block_size: None = exact tokens) and document ids (ours), or the record's BlockMask (flex)."""
     tokens: int
     doc_ids: torch.Tensor | None = None
     block_mask: object = None
+    block_size: int | None = None
 
 
 class GPT(nn.Module):
@@ -175,7 +193,8 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.model_dim)
         self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.model_dim)
                                           for _ in range(config.value_embeds))
-        self.blocks = nn.ModuleList(Block(config, has_attention=w != "-") for w in config.windows)
+        rotary = Rotary(config.head_dim, config.max_seq_len)
+        self.blocks = nn.ModuleList(Block(config, rotary if w != "-" else None) for w in config.windows)
         # U-net: the outputs of the first half are added, with learned weights, into the
         # second half in reverse order.
         self.skip_weights = nn.Parameter(torch.ones(config.num_layers // 2))
@@ -195,14 +214,22 @@ class GPT(nn.Module):
         return None
 
     def windows(self, input_seq: torch.Tensor, window_blocks: int) -> dict[str, Window]:
-        """Long and short attention masks for this sequence; the short window is half the long."""
+        """Long and short attention masks for this sequence.
+
+        The record's (and flex's): long = window_blocks key blocks of 128 tokens, short =
+        window_blocks // 2 blocks, at least the query's own block.  attention_window="exact":
+        windows of exactly window_blocks * 128 tokens and half that."""
         docs = (input_seq == EOT).cumsum(0)
-        long_tokens = window_blocks * baseline.FLEX_BLOCK
+        block = baseline.FLEX_BLOCK
+        long_tokens = window_blocks * block
         if self.kernel_choice["attention"] == "flex":
             long_bm, short_bm = baseline.record_block_masks(docs, window_blocks)
             return {"L": Window(long_tokens, block_mask=long_bm), "S": Window(long_tokens // 2, block_mask=short_bm)}
         doc_ids = docs.to(torch.int32)[None]
-        return {"L": Window(long_tokens, doc_ids), "S": Window(long_tokens // 2, doc_ids)}
+        if self.config.attention_window == "exact":
+            return {"L": Window(long_tokens, doc_ids), "S": Window(long_tokens // 2, doc_ids)}
+        short_tokens = max(1, window_blocks // 2) * block
+        return {"L": Window(long_tokens, doc_ids, block_size=block), "S": Window(short_tokens, doc_ids, block_size=block)}
 
     def forward(self, input_seq: torch.Tensor, target_seq: torch.Tensor, window_blocks: int) -> torch.Tensor:
         """input_seq [T] int32 tokens, target_seq [T] int64 -> mean next-token loss (fp32).
@@ -226,14 +253,17 @@ class GPT(nn.Module):
         return self.head_loss(x, target_seq)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean capped cross-entropy of the head's logits.  As the record, the FP8 head runs in
+        training only: in eval mode (validation) the logits are x @ lm_head^T in bf16."""
         c = self.config
+        fp8 = c.fp8_head and self.training
         with label("head_ce"):
             if self.kernel_choice["head"] == "torch":
-                return baseline.record_head_loss(x, self.lm_head, targets, x_scale=c.fp8_x_scale,
+                return baseline.record_head_loss(x, self.lm_head, targets, fp8=fp8, x_scale=c.fp8_x_scale,
                                                  w_scale=c.fp8_w_scale, grad_scale=c.fp8_grad_scale,
                                                  cap=c.softcap, scale=c.softcap_scale)
             return kernels.linear_softcap_cross_entropy(
-                x, self.lm_head if c.fp8_head else self.lm_head.type_as(x), targets, fp8=c.fp8_head,
+                x, self.lm_head if fp8 else self.lm_head.type_as(x), targets, fp8=fp8,
                 x_scale=c.fp8_x_scale, w_scale=c.fp8_w_scale, grad_scale=c.fp8_grad_scale,
                 cap=c.softcap, kind="sigmoid", scale=c.softcap_scale)
 

@@ -76,6 +76,9 @@ class TrainConfig:
     mlp_dim: int = option(3072, "MLP hidden width")
     windows: str = option("LSSSLSS-SSSL", "per layer: L long window, S short, - no attention")
     value_embeds: int = option(3, "value-embedding tables, used by the first and last that-many layers")
+    attention_window: str = option("blocks", "our attention kernel's windows: blocks (the record's: whole 128-token "
+                                             "key blocks, short = half the blocks, at least 1) or exact (token "
+                                             "windows of blocks*128 and half that: a different model)")
     # implementation
     kernels: str = option("auto", "implementation per op family: auto (ours), off (the record's torch.compile/"
                                   "FlexAttention/_scaled_mm path), or e.g. attention=flex,mlp=ours; families: "
@@ -145,6 +148,16 @@ def profile_window(spec: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
         raise UsageError(f"--profile-steps must be START:END with 0 <= START < END (e.g. 10:13), got {spec!r}")
     return int(parts[0]), int(parts[1])
+
+
+def attention_windows(choice: str, attention_window: str, compiled: bool) -> str:
+    """The log line's account of the attention pattern actually trained."""
+    if choice == "flex":
+        how = "the record's BlockMask (whole 128-token key blocks)"
+        return how + ("" if compiled else "; " + baseline.EAGER_ATTENTION_NOTE)
+    if attention_window == "exact":
+        return "exact token windows (--attention-window exact: not the record's block-granular pattern)"
+    return "whole 128-token key blocks, as the record's BlockMask (--attention-window blocks)"
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> int:
@@ -280,7 +293,7 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     state = None
     if cfg.resume:
         state = checkpoint.load(cfg.resume, map_location="cpu")
-        if state["model_config"] != dataclasses.asdict(GPTConfig(**model_fields)):
+        if state["model_config"] != dataclasses.asdict(GPTConfig(**model_fields, max_seq_len=max(cfg.seq_len, cfg.val_seq_len))):
             raise UsageError(f"--resume {cfg.resume}: its model configuration differs from this run's; "
                              "resume with the options of the run that wrote it")
         if state["step"] >= cfg.steps:
@@ -298,7 +311,7 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
 
     # ---- model and optimizers
     torch.manual_seed(cfg.seed)
-    model_config = GPTConfig(**model_fields)
+    model_config = GPTConfig(**model_fields, max_seq_len=max(cfg.seq_len, cfg.val_seq_len))  # rotary covers validation
     model = GPT(model_config, {f: chosen[f] for f in MODEL_FAMILIES}).to(ctx.device)
     groups = model.parameter_groups()
     orthogonalize = baseline.record_newton_schulz if chosen["newton_schulz"] == "torch" else None
@@ -310,6 +323,7 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     step_model = torch.compile(model) if use_compile else model
     log.line(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {accumulation} accumulation "
              f"step(s) x {ctx.world_size} process(es) x {cfg.seq_len} tokens; compile={use_compile}")
+    log.line(f"attention windows: {attention_windows(chosen['attention'], cfg.attention_window, use_compile)}")
 
     # ---- data, and the position to start from
     start_step, training_time_ms = 0, 0.0

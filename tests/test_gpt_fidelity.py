@@ -1,0 +1,79 @@
+"""The GPT trains the 2025-01-26 record's model: its shapes at the record's train and
+validation lengths, its eval head, and our attention agreeing with the record's
+FlexAttention path (--kernels off) at every window setting."""
+import pytest
+import torch
+
+from kernels import reference
+from speedrun.gpt import train
+from speedrun.gpt.model import EOT, GPT, GPTConfig
+from tests.test_gpt import tiny_model
+
+
+@pytest.mark.parametrize("attention", ["ours", "flex"])
+def test_record_preset_shapes_run_through_the_model_on_meta(attention):
+    # The record trains on 48Ki-token sequences and validates on 256Ki-token ones; the
+    # rotary table must cover both (a 64Ki table raised a shape error at validation).
+    cfg, _ = train.parse_args(["--preset", "record"])
+    assert (cfg.seq_len, cfg.val_seq_len) == (48 * 1024, 4 * 64 * 1024)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(max_seq_len=max(cfg.seq_len, cfg.val_seq_len)),
+                    {"attention": attention, "mlp": "ours", "head": "ours"})
+        for length, training in ((cfg.seq_len, True), (cfg.val_seq_len, False)):
+            model.train(training)
+            tokens = torch.zeros(length, dtype=torch.int32)
+            loss = model(tokens, tokens.long(), train.window_blocks(0, cfg.steps, cfg.window_max))
+            assert loss.shape == () and loss.device.type == "meta"
+
+
+def test_a_sequence_longer_than_the_rotary_table_says_so():
+    model = tiny_model({"attention": "ours", "mlp": "torch", "head": "torch"})
+    tokens = torch.zeros(model.config.max_seq_len + 128, dtype=torch.int32)
+    with pytest.raises(ValueError, match="longer than the rotary table"):
+        model(tokens, tokens.long(), 1)
+
+
+@pytest.mark.parametrize("head", ["ours", "torch"])
+def test_validation_uses_the_bf16_head_and_training_the_fp8_head(head):
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 50257, (257,))
+    inputs, targets = tokens[:-1].int(), tokens[1:].long()
+    model = tiny_model({"attention": "ours", "mlp": "torch", "head": head})
+    x = torch.randn(256, 64).bfloat16()
+    c = model.config
+    bf16 = reference.linear_softcap_cross_entropy(x, model.lm_head.detach(), targets, fp8=False,
+                                                  cap=c.softcap, kind="sigmoid", scale=c.softcap_scale)
+    fp8 = reference.linear_softcap_cross_entropy(x, model.lm_head.detach(), targets, fp8=True, x_scale=c.fp8_x_scale,
+                                                 w_scale=c.fp8_w_scale, grad_scale=c.fp8_grad_scale,
+                                                 cap=c.softcap, kind="sigmoid", scale=c.softcap_scale)
+    assert abs(bf16.item() - fp8.item()) > 1e-4  # the two heads are distinguishable here
+    with torch.no_grad():
+        model.eval()
+        assert abs(model.head_loss(x, targets).item() - bf16.item()) < 1e-5  # fp32 loss of identical bf16 logits
+        model.train()
+        assert abs(model.head_loss(x, targets).item() - fp8.item()) < 1e-5
+        model.eval()
+        assert torch.isfinite(model(inputs, targets, 1))
+
+
+def record_tokens(length, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50000, (length + 1,), generator=gen)
+    tokens[torch.randperm(length, generator=gen)[:length // 150]] = EOT  # documents of ~150 tokens
+    return tokens[:-1].int(), tokens[1:].long()
+
+
+def test_auto_and_off_attention_agree_at_every_window_setting():
+    # Our kernel (reference backend on CPU tensors, as --kernels auto picks) against the
+    # record's FlexAttention path (--kernels off; eagerly its BlockMask's own pairs through
+    # SDPA), same weights and pairs.  Activations are bf16 (the op takes half types), and the
+    # two attentions round their outputs to bf16 after different fp32/bf16 arithmetic: 2**-8
+    # per element, averaging to far less in the mean loss; 2e-3 relative leaves a margin.
+    # T = 1920 = 15 blocks: every one of the schedule's 14 long / short settings binds.
+    inputs, targets = record_tokens(1920, 5)
+    ours = tiny_model({"attention": "ours", "mlp": "torch", "head": "torch"}).eval()
+    off = tiny_model({"attention": "flex", "mlp": "torch", "head": "torch"}).eval()
+    with torch.no_grad():
+        for blocks in range(1, 15):
+            a, b = ours(inputs, targets, blocks), off(inputs, targets, blocks)
+            assert abs(a.item() - b.item()) < 2e-3 * abs(b.item()), blocks
