@@ -356,3 +356,99 @@ def test_gpu_cuda_graph_capture_and_compile():
             static_loss = kernels.softcap_cross_entropy(static_z, targets)
     graph.replay()
     assert rel_err(static_loss, run("reference", logits, targets)[0]) < LOSS_TOL
+
+
+# ---- the CUDA kernel v2's static budget (SASS for sm_90a, no GPU needed) ----------------
+# Compiles csrc/softcap_ce.cu to a cubin with the extension's nvcc flags and reads the
+# staged kernel's innermost loops: the loss pass and the gradient pass.  Per element the
+# two together may spend <= 25 SASS instructions and <= 4 MUFU operations (issue 15): at
+# 2 CTAs x 16 warps per SM that keeps the kernel under the DRAM time (bench/NOTES.md).
+
+SASS_BUDGET = 25.0
+MUFU_BUDGET = 4.0
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;")
+_BACKWARD_BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+0x([0-9a-f]+)")
+
+
+def _cubin_tools():
+    import importlib.util
+    import os
+    import shutil
+    import triton
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("speedrun_setup", os.path.join(root, "setup.py"))
+    build_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_script)
+    cuda_home = build_script.find_cuda_home()
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if cuda_home is None or not os.path.exists(cuobjdump) or shutil.which("c++") is None:
+        pytest.skip("needs a CUDA toolkit (nvcc), a host C++ compiler and Triton's cuobjdump")
+    return root, cuda_home, build_script.pip_cuda_include_dirs(cuda_home), cuobjdump
+
+
+@pytest.fixture(scope="module")
+def softcap_sass(tmp_path_factory):
+    """{kernel name: [(address, instruction)]} of csrc/softcap_ce.cu compiled for sm_90a."""
+    import os
+    import subprocess
+    from torch.utils import cpp_extension
+    root, cuda_home, extra_includes, cuobjdump = _cubin_tools()
+    cubin = str(tmp_path_factory.mktemp("softcap_sass") / "softcap_ce.cubin")
+    includes = cpp_extension.include_paths() + [os.path.join(root, "csrc")] + extra_includes
+    # The flags setup.py gives nvcc, plus those torch's BuildExtension adds for sm_90a.
+    command = ([os.path.join(cuda_home, "bin", "nvcc"), "-cubin", "-arch=sm_90a", "-std=c++20",
+                "-O3", "-lineinfo", "--expt-relaxed-constexpr"] + cpp_extension.COMMON_NVCC_FLAGS
+               + [f"-I{path}" for path in includes] + ["-o", cubin, os.path.join(root, "csrc", "softcap_ce.cu")])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    listing = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    kernels_sass = {}
+    for block in re.split(r"\n\s*Function : ", listing)[1:]:
+        name, body = block.split("\n", 1)
+        kernels_sass[name.strip()] = [(int(a, 16), op) for a, op in _SASS_INSTRUCTION.findall(body)]
+    return kernels_sass
+
+
+def innermost_loops(instructions):
+    """The bodies of loops (a backward branch to its target) that hold no other loop."""
+    loops = []
+    for address, op in instructions:
+        match = _BACKWARD_BRANCH.search(op)
+        if match and int(match.group(1), 16) <= address:
+            loops.append((int(match.group(1), 16), address))
+    inner = [(s, e) for s, e in loops if not any((s, e) != (s2, e2) and s <= s2 and e2 <= e for s2, e2 in loops)]
+    return [[op for address, op in instructions if s <= address <= e] for s, e in inner]
+
+
+def per_element_counts(body):
+    """(instructions, MUFU ops) per element of a loop whose every 16-byte shared load is 8 elements."""
+    elements = 8 * sum(1 for op in body if re.search(r"\bLDS\.128\b", op))
+    assert elements > 0, body
+    return len(body) / elements, sum(1 for op in body if "MUFU." in op) / elements
+
+
+@pytest.mark.parametrize("dtype", ["BFloat16", "Half"])
+@pytest.mark.parametrize("kind", [1, 2])  # tanh, sigmoid
+def test_cuda_staged_kernel_hot_loops_fit_the_budget(softcap_sass, dtype, kind):
+    names = [n for n in softcap_sass if f"softcap_ce_staged_kernelIN3c10{len(dtype)}{dtype}ELi{kind}E" in n]
+    assert len(names) == 1, sorted(softcap_sass)
+    instructions = softcap_sass[names[0]]
+    ops = [op for _, op in instructions]
+    # The row arrives by bulk copy on an mbarrier, not by per-thread global loads.
+    assert any(op.startswith("UBLKCP") for op in ops) and any("SYNCS.PHASECHK" in op for op in ops)
+    hot = [body for body in innermost_loops(instructions) if any("MUFU." in op for op in body)]
+    assert len(hot) == 2, f"expected the loss and the gradient loops, got {len(hot)}"
+    loss_loop, grad_loop = hot
+    for body in hot:
+        assert not any(re.search(r"\bLDG\b", op) for op in body), "a hot loop reads global memory"
+        # 32-bit index math: no carry-propagating (64-bit) integer adds in the loops.
+        assert not any(re.search(r"\bIADD3\.X\b|\.X\s", op) for op in body), body
+    assert any(re.search(r"\bSTS\.128\b", op) for op in loss_loop)  # the 16-bit a over the row
+    assert any(re.search(r"\bSTG\.E\.EF\.128\b", op) for op in grad_loop)  # streaming 16-byte stores
+    counts = [per_element_counts(body) for body in hot]
+    instructions_per_element = sum(c[0] for c in counts)
+    mufu_per_element = sum(c[1] for c in counts)
+    assert mufu_per_element <= MUFU_BUDGET, counts
+    assert instructions_per_element <= SASS_BUDGET, counts
+    # The loss pass: ex2, rcp, ex2; the gradient pass: one ex2.
+    assert [c[1] for c in counts] == [3.0, 1.0], counts
