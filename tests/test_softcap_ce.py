@@ -452,3 +452,60 @@ def test_cuda_staged_kernel_hot_loops_fit_the_budget(softcap_sass, dtype, kind):
     assert instructions_per_element <= SASS_BUDGET, counts
     # The loss pass: ex2, rcp, ex2; the gradient pass: one ex2.
     assert [c[1] for c in counts] == [3.0, 1.0], counts
+
+
+# ---- the CUDA kernel v2's hardware approximations against float64 ----------------------
+# Error bounds of the PTX approximations the staged kernel uses (PTX ISA, per operation,
+# relative): ex2.approx.ftz.f32 2^-22, rcp.approx.ftz.f32 1 ulp = 2^-23 (plus 2^-24 for the
+# fp32 rounding of its fma argument), tanh.approx.f32 2^-11 (not used; see below).  The
+# model below is the kernel's arithmetic in float64 with each approximation pushed to its
+# bound, all up, all down, or with random signs, plus the 16-bit fixed point of a and the
+# final rounding to the logits' dtype; the fp32 row sum (positive terms) adds ~1e-7 more.
+EX2_REL, RCP_REL, TANH_REL = 2.0**-22, 2.0**-23 + 2.0**-24, 2.0**-11
+LOG2E = 1.0 / math.log(2.0)
+
+
+def staged_model(z, targets, kind, cap, scale, error, dtype, loss_tanh_rel=0.0):
+    """(mean loss, gradient) as the staged kernel computes them; error(shape) gives each op's sign."""
+    z = z.double()
+    r = 2.0 if kind == "tanh" else 1.0
+    m1 = 2.0 * LOG2E / cap if kind == "tanh" else LOG2E / scale
+    a = 1.0 / (1.0 + torch.exp2(z * m1) * (1 + error(z.shape) * EX2_REL)) * (1 + error(z.shape) * RCP_REL)
+    if loss_tanh_rel:  # the alternative: a from tanh.approx, 1 - 2a = t(1 + err)
+        a = (1.0 - (1.0 - 2.0 * a) * (1 + error(z.shape) * loss_tanh_rel)) / 2.0
+    terms = torch.exp2(-r * cap * LOG2E * a) * (1 + error(z.shape) * EX2_REL)
+    lse = cap + torch.log(terms.sum(1))
+    s_target = reference.softcap(z.gather(1, targets[:, None]).squeeze(1), cap, kind, scale)
+    loss = (lse - s_target).mean()
+    a_q = torch.round(a * 65535.0) / 65535.0
+    dsdz = (4.0 if kind == "tanh" else cap / scale) * a_q * (1 - a_q) / z.shape[0]
+    prob = torch.exp(cap - r * cap * a_q - lse[:, None]) * (1 + error(z.shape) * EX2_REL)
+    onehot = torch.nn.functional.one_hot(targets, z.shape[1]).double()
+    return loss, ((prob - onehot) * dsdz).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind,cap,scale", [("sigmoid", 30.0, 7.5), ("tanh", 30.0, 7.5), ("sigmoid", 80.0, 20.0),
+                                            ("tanh", 40.0, 7.5)])
+@pytest.mark.parametrize("signs", ["up", "down", "random"])
+def test_cuda_staged_approximations_stay_inside_the_contract(dtype, kind, cap, scale, signs):
+    # The largest caps that use the fixed reference (40 tanh, 80 sigmoid) have the coarsest q.
+    logits, targets = make_inputs(6, 50304, dtype, "cpu", n_ignored=0, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    error = {"up": lambda shape: 1.0, "down": lambda shape: -1.0,
+             "random": lambda shape: torch.randint(0, 2, shape, generator=gen).double() * 2 - 1}[signs]
+    loss, grad = staged_model(logits, targets, kind, cap, scale, error, dtype)
+    ref_loss, ref_grad = run("oracle", logits, targets, kind=kind, cap=cap, scale=scale)
+    assert rel_err(loss, ref_loss, floor=1.0) < LOSS_TOL / 4  # 4x margin for the fp32 sums
+    magnitude = gradient_magnitude(logits, targets, kind=kind, cap=cap, scale=scale)
+    assert rel_err(grad, ref_grad, floor=magnitude) < GRAD_TOL[dtype] / 2
+
+
+def test_tanh_approx_in_the_loss_pass_would_break_the_loss_tolerance():
+    # Why the loss pass keeps ex2 + rcp (3 MUFU) instead of tanh.approx (1): at its bound the
+    # shift of s is up to cap/2 * 2^-11 = 7e-3, ~7e-4 of a loss of ln(50304).
+    logits, targets = make_inputs(6, 50304, torch.bfloat16, "cpu", n_ignored=0, seed=5)
+    loss, _ = staged_model(logits, targets, "sigmoid", 30.0, 7.5, lambda shape: 1.0, torch.bfloat16,
+                           loss_tanh_rel=TANH_REL)
+    ref_loss, _ = run("oracle", logits, targets)
+    assert rel_err(loss, ref_loss, floor=1.0) > 10 * LOSS_TOL
