@@ -4,7 +4,8 @@ The public op `softcap_cross_entropy` (contract below and in DESIGN.md §2.1; th
 `kernels.reference.softcap_cross_entropy`) runs one of:
 
   cuda       csrc/softcap_ce.cu (torch.ops.speedrun_cuda.softcap_ce_forward): the row is
-             cached in registers and the logits are read from memory exactly once.
+             staged in shared memory (16-bit logits, capped kinds) or cached in registers,
+             and the logits are read from memory exactly once.
   triton     the kernels in this file: an online max/sum-exp sweep over the row, then a
              gradient sweep that re-reads it (mostly from L2).
   reference  plain PyTorch.

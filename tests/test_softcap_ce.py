@@ -307,7 +307,8 @@ def test_triton_kernels_compile_for_sm90():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,v", [(1, 2), (37, 1000), (64, 50304), (5, 50257), (3, 262144)])
 def test_gpu_matches_reference(backend, kind, dtype, n, v):
-    # 50304 takes the register-cached kernel, 50257 (odd) and 262144 the streaming one.
+    # 50304: 16-bit capped kinds take the staged kernel, fp32 and kind None the register-
+    # cached one; 50257 (odd) and 262144 the streaming one.
     logits, targets = make_inputs(n, v, dtype, "cuda", n_ignored=min(1, n - 1))
     assert_matches_reference(backend, logits, targets, kind=kind)
 
@@ -509,3 +510,19 @@ def test_tanh_approx_in_the_loss_pass_would_break_the_loss_tolerance():
                            loss_tanh_rel=TANH_REL)
     ref_loss, _ = run("oracle", logits, targets)
     assert rel_err(loss, ref_loss, floor=1.0) > 10 * LOSS_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,cap", [("sigmoid", 30.0), ("tanh", 15.0), ("sigmoid", 80.0), ("tanh", 40.0)])
+@pytest.mark.parametrize("n,v", [(1100, 50304), (3, 8), (7, 24), (40, 8200)])
+def test_gpu_staged_kernel_matches_reference(kind, cap, n, v):
+    # More rows than 2 CTAs x SMs (the persistent loop and the chunk parity flip), rows of
+    # fewer packs than chunks (empty chunks), targets on chunk edges, strided rows.
+    wide, targets = make_inputs(n, v + 16, torch.bfloat16, "cuda", n_ignored=min(3, n - 1))
+    logits = wide[:, 8:v + 8]
+    targets = targets.clamp(-100, v - 1)
+    targets[0], targets[-1] = v - 1, 0
+    assert_matches_reference("cuda", logits, targets, kind=kind, cap=cap, scale=cap / 4)
+    with torch.no_grad(), kernels.use_backend("cuda"):
+        loss = kernels.softcap_cross_entropy(logits, targets, kind=kind, cap=cap, scale=cap / 4)
+    assert rel_err(loss, run("reference", logits, targets, kind=kind, cap=cap, scale=cap / 4)[0]) < LOSS_TOL
