@@ -119,7 +119,7 @@ def test_triton_kernel_writes_every_gradient_element(interpreter_device):
     block, warps = softcap_ce._block_and_warps(v)
     softcap_ce._softcap_ce_forward_kernel[(n,)](
         logits, targets, grad_scale, loss, grad, v, logits.stride(0), -100, 30.0, 1 / 30.0, 1 / 7.5,
-        KIND=2, FIXED_REFERENCE=True, NEED_GRAD=True, BLOCK=block, num_warps=warps)
+        KIND=2, FIXED_REFERENCE=True, NEED_GRAD=True, BLOCK=block, ONE_READ=block >= v, num_warps=warps)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     ignored = targets == -100
     assert (grad[ignored] == 0).all() and (loss[ignored] == 0).all()
@@ -282,7 +282,8 @@ def _hopper_specs():
                 "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
                 "grad_ptr": f"*{dtype}", "n_cols": "i32", "logits_row_stride": "i64", "ignore_index": "i32",
                 "cap": "fp32", "inv_cap": "fp32", "inv_scale": "fp32"},
-                "constexprs": {"KIND": kind, "FIXED_REFERENCE": fixed, "NEED_GRAD": True, "BLOCK": block},
+                "constexprs": {"KIND": kind, "FIXED_REFERENCE": fixed, "NEED_GRAD": True, "BLOCK": block,
+                               "ONE_READ": False},
                 "num_warps": warps, "divisible_by_16": ["logits_ptr", "grad_ptr", "n_cols", "logits_row_stride"]})
         specs.append({"module": "kernels.softcap_ce", "kernel": "_scale_rows_kernel", "signature": {
             "grad_ptr": f"*{dtype}", "factor_ptr": "*fp32", "n_cols": "i32", "factor_stride": "i32"},
@@ -526,3 +527,21 @@ def test_gpu_staged_kernel_matches_reference(kind, cap, n, v):
     with torch.no_grad(), kernels.use_backend("cuda"):
         loss = kernels.softcap_cross_entropy(logits, targets, kind=kind, cap=cap, scale=cap / 4)
     assert rel_err(loss, run("reference", logits, targets, kind=kind, cap=cap, scale=cap / 4)[0]) < LOSS_TOL
+
+
+def test_triton_one_read_rows_compile_for_sm90_with_one_load_per_element():
+    # V <= 16384: the row is one block, read once (16-byte loads of 8 bf16: exactly
+    # BLOCK / (threads * 8) of them per thread, where two sweeps would issue twice that).
+    v = softcap_ce.ONE_READ_MAX_COLS
+    block, warps = softcap_ce._block_and_warps(v)
+    assert block == v
+    spec = {"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel", "signature": {
+        "logits_ptr": "*bf16", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
+        "grad_ptr": "*bf16", "n_cols": "i32", "logits_row_stride": "i64", "ignore_index": "i32",
+        "cap": "fp32", "inv_cap": "fp32", "inv_scale": "fp32"},
+        "constexprs": {"KIND": 2, "FIXED_REFERENCE": True, "NEED_GRAD": True, "BLOCK": block, "ONE_READ": True},
+        "num_warps": warps, "divisible_by_16": ["logits_ptr", "grad_ptr", "n_cols", "logits_row_stride"]}
+    (compiled,) = compile_for_hopper([spec])
+    vector_loads = re.findall(r"ld\.global\S*\.v4\.b32", compiled["ptx"])
+    assert len(vector_loads) == block // (warps * 32 * 8), len(vector_loads)
+    assert re.search(r"st\.global\S*\.v4\.b32", compiled["ptx"])
