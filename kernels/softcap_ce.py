@@ -4,9 +4,11 @@ The public op `softcap_cross_entropy` (contract below and in DESIGN.md §2.1; th
 `kernels.reference.softcap_cross_entropy`) runs one of:
 
   cuda       csrc/softcap_ce.cu (torch.ops.speedrun_cuda.softcap_ce_forward): the row is
-             cached in registers and the logits are read from memory exactly once.
-  triton     the kernels in this file: an online max/sum-exp sweep over the row, then a
-             gradient sweep that re-reads it (mostly from L2).
+             staged in shared memory (16-bit logits, capped kinds) or cached in registers,
+             and the logits are read from memory exactly once.
+  triton     the kernels in this file: a row of <= 16384 columns is one block read once;
+             a longer one gets an online max/sum-exp sweep, then a gradient sweep that
+             re-reads it (mostly from L2).
   reference  plain PyTorch.
 
 How the fast path works.  The training step wants d(loss)/d(logits) anyway, so the
@@ -72,9 +74,12 @@ def _softcap_ce_forward_kernel(
     logits_ptr, targets_ptr, grad_scale_ptr, loss_ptr, grad_ptr,
     n_cols, logits_row_stride, ignore_index, cap, inv_cap, inv_scale,
     KIND: tl.constexpr, FIXED_REFERENCE: tl.constexpr, NEED_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ONE_READ: tl.constexpr,
 ):
-    """One program per row: loss[row] and, if NEED_GRAD, grad[row, :]."""
+    """One program per row: loss[row] and, if NEED_GRAD, grad[row, :].
+
+    ONE_READ (BLOCK >= n_cols): the whole row is one block held in registers, so the
+    gradient is computed from the values of the first sweep and the row is read once."""
     row = tl.program_id(0).to(tl.int64)  # rows * V exceeds 2**31 at the speedrun's shapes
     row_logits = logits_ptr + row * logits_row_stride
     offsets = tl.arange(0, BLOCK)
@@ -85,20 +90,31 @@ def _softcap_ce_forward_kernel(
     else:
         lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
     lane_sum = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offsets
-        in_row = cols < n_cols
-        z = tl.load(row_logits + cols, mask=in_row, other=0.0).to(tl.float32)
+    if ONE_READ:  # the same update, once, for the single block; s stays live for sweep 2
+        in_row = offsets < n_cols
+        z = tl.load(row_logits + offsets, mask=in_row, other=0.0).to(tl.float32)
         s = tl.where(in_row, _capped(z, cap, inv_cap, inv_scale, KIND), float("-inf"))
         if FIXED_REFERENCE:
-            lane_sum += tl.exp(s - lane_max)
+            lane_sum = tl.exp(s - lane_max)
         else:
-            new_max = tl.maximum(lane_max, s)
-            # A lane that has seen only -inf keeps sum 0: shifting by 0 instead of -inf
-            # avoids exp(-inf - -inf) = NaN.
-            shift = tl.where(new_max > float("-inf"), new_max, 0.0)
-            lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(s - shift)
-            lane_max = new_max
+            shift = tl.where(s > float("-inf"), s, 0.0)
+            lane_sum = tl.exp(s - shift)
+            lane_max = s
+    if not ONE_READ:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offsets
+            in_row = cols < n_cols
+            z = tl.load(row_logits + cols, mask=in_row, other=0.0).to(tl.float32)
+            s = tl.where(in_row, _capped(z, cap, inv_cap, inv_scale, KIND), float("-inf"))
+            if FIXED_REFERENCE:
+                lane_sum += tl.exp(s - lane_max)
+            else:
+                new_max = tl.maximum(lane_max, s)
+                # A lane that has seen only -inf keeps sum 0: shifting by 0 instead of -inf
+                # avoids exp(-inf - -inf) = NaN.
+                shift = tl.where(new_max > float("-inf"), new_max, 0.0)
+                lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(s - shift)
+                lane_max = new_max
     row_max = tl.max(lane_max, axis=0)
     row_shift = tl.where(row_max > float("-inf"), row_max, 0.0)
     lse = row_shift + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_shift), axis=0))
@@ -117,16 +133,23 @@ def _softcap_ce_forward_kernel(
         grad_scale = tl.load(grad_scale_ptr)
         row_factor = tl.where(kept, tl.where(in_range, grad_scale, float("nan")), 0.0)
         row_grad = grad_ptr + row * n_cols
-        # Sweep 2: gradient, re-reading the row.
-        for start in range(0, n_cols, BLOCK):
-            cols = start + offsets
-            in_row = cols < n_cols
-            z = tl.load(row_logits + cols, mask=in_row, other=0.0).to(tl.float32)
-            s = _capped(z, cap, inv_cap, inv_scale, KIND)
+        if ONE_READ:  # s of the single block is still in registers
+            in_row = offsets < n_cols
             prob = tl.exp(s - lse)
-            onehot = tl.where(cols == target, 1.0, 0.0)
+            onehot = tl.where(offsets == target, 1.0, 0.0)
             g = (prob - onehot) * _capped_derivative(s, inv_cap, inv_scale, KIND) * row_factor
-            tl.store(row_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+            tl.store(row_grad + offsets, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+        # Sweep 2: gradient, re-reading the row.
+        if not ONE_READ:
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offsets
+                in_row = cols < n_cols
+                z = tl.load(row_logits + cols, mask=in_row, other=0.0).to(tl.float32)
+                s = _capped(z, cap, inv_cap, inv_scale, KIND)
+                prob = tl.exp(s - lse)
+                onehot = tl.where(cols == target, 1.0, 0.0)
+                g = (prob - onehot) * _capped_derivative(s, inv_cap, inv_scale, KIND) * row_factor
+                tl.store(row_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -143,9 +166,15 @@ def _scale_rows_kernel(grad_ptr, factor_ptr, n_cols, factor_stride, BLOCK: tl.co
             tl.store(row_grad + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
+ONE_READ_MAX_COLS = 16384  # 16 warps x 32 lanes x 32 fp32 values of s per thread
+
+
 def _block_and_warps(n_cols: int) -> tuple[int, int]:
-    """Chunk width per sweep step and warps per program (tuned on an H100: see bench/NOTES.md)."""
-    block = min(triton.next_power_of_2(n_cols), 4096)
+    """Chunk width per sweep step and warps per program (tuned on an H100: see bench/NOTES.md).
+
+    A row of <= ONE_READ_MAX_COLS is one block (read once); longer rows sweep in 4096s."""
+    limit = ONE_READ_MAX_COLS if n_cols <= ONE_READ_MAX_COLS else 4096
+    block = min(triton.next_power_of_2(n_cols), limit)
     return block, max(1, min(16, block // 256))
 
 
@@ -160,7 +189,7 @@ def _forward_triton(logits, targets, grad_scale, cap, kind, scale, ignore_index,
         logits, targets, grad_scale, loss, grad if need_grad else loss,
         v, logits.stride(0), ignore_index, cap, 1.0 / cap, 1.0 / scale,
         KIND=KIND_CODES[kind], FIXED_REFERENCE=fixed_reference(cap, kind), NEED_GRAD=need_grad,
-        BLOCK=block, num_warps=warps,
+        BLOCK=block, ONE_READ=block >= v, num_warps=warps,
     )
     return loss, grad
 
