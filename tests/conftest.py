@@ -44,7 +44,11 @@ COMPAT_TESTS = {
     "tests/test_sliding_window_attention.py": ["test_triton_matches_reference",
                                                "test_every_output_element_is_written",
                                                "test_triton_kernels_compile_for_sm90_with_wgmma"],
-    "tests/test_extension.py": None,
+    # Not the sm_90a/spill listing: triton 3.6's bundled cuobjdump names the cubins sm_90
+    # (no "a"); the main job reads them with triton 3.8's tool.
+    "tests/test_extension.py": ["test_backends_report_the_extension_as_built",
+                                "test_ops_are_registered_with_their_schemas",
+                                "test_ops_refuse_cpu_tensors_without_touching_memory"],
     "tests/test_backend.py": ["test_python_m_kernels_summarizes_every_op",
                               "test_python_m_kernels_names_the_mlp_path_this_triton_gives"],
 }
