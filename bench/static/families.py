@@ -85,7 +85,8 @@ def softcap_ce() -> Op:
     forward_args = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
                     "grad_ptr": "*bf16", "n_cols": v, "logits_row_stride": v, "ignore_index": -100, "cap": 30.0,
                     "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5, "KIND": module.KIND_CODES["sigmoid"],
-                    "FIXED_REFERENCE": module.fixed_reference(30.0, "sigmoid"), "NEED_GRAD": True, "BLOCK": block}
+                    "FIXED_REFERENCE": module.fixed_reference(30.0, "sigmoid"), "NEED_GRAD": True, "BLOCK": block,
+                    "ONE_READ": block >= v}
     per_thread = block // (32 * warps)
     return Op("softcap_ce", f"N={n}, V={v}, bf16 logits, sigmoid cap 30 / 7.5, mean",
               bytes=_bench("softcap_ce").bytes_moved(n, v, "fwd+bwd"), flops=0, flop_kind=None, kernels=[
@@ -272,7 +273,7 @@ def sliding_window_attention() -> Op:
                 "args": {**{p: "*bf16" for p in pointers}, "lse_ptr": "*fp32", "doc_ptr": "*i32", "T": t,
                          "window": WINDOW, **extra,
                          **{f"stride_{n}{axis}": strides[axis] for n in tensors for axis in "bth"},
-                         "stride_docb": t, "HAS_DOCS": True, "HEAD_DIM": HEAD_DIM, "SCAN": swa.SCAN_CHUNK, **config}}
+                         "stride_docb": t, "HAS_DOCS": True, "WINDOW_BLOCK": 128, "HEAD_DIM": HEAD_DIM, "SCAN": swa.SCAN_CHUNK, **config}}
 
     scales = {"scale": HEAD_DIM ** -0.5, "scale_log2": HEAD_DIM ** -0.5 * swa.LOG2_E}
     fwd = spec("fwd", "_sliding_window_attn_fwd", ["q_ptr", "k_ptr", "v_ptr", "o_ptr"],
