@@ -30,11 +30,8 @@ class CheckpointError(UsageError):
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with open(path, "rb") as f:  # hashlib reads the file in chunks itself (Python >= 3.11)
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sidecar(path: Path) -> Path:

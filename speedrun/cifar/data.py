@@ -63,11 +63,8 @@ def fetch(url: str, destination: Path) -> None:
 
 
 def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with open(path, "rb") as f:  # hashlib reads the file in chunks itself (Python >= 3.11)
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 class _ArraysOnly(pickle.Unpickler):
