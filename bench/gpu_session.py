@@ -75,11 +75,11 @@ def gpt_command(kernels: str, run_dir: Path, gpus: int, dry_run: bool) -> list[s
         # FlexAttention has no backward on a CPU: "off" keeps our attention there, the rest the record's.
         cpu_kernels = "attention=ours,mlp=torch,head=torch,newton_schulz=torch" if kernels == "off" else kernels
         return [_python(), "-m", "speedrun.gpt", "--preset", "smoke", "--steps", "3", "--val-every", "0",
-                "--device", "cpu", "--kernels", cpu_kernels, "--run-dir", str(run_dir)]
+                "--device", "cpu", "--kernels", cpu_kernels, "--run-dir", str(run_dir), "--overwrite"]
     args = ["--preset", "record", "--steps", str(GPT_STEPS), "--val-every", "0",
             "--batch-tokens", str(max(gpus, 1) * GPT_TOKENS_PER_GPU),
             "--val-seq-len", str(GPT_VAL_SEQ_LEN), "--val-tokens", str(GPT_VAL_TOKENS),
-            "--kernels", kernels, "--run-dir", str(run_dir)]
+            "--kernels", kernels, "--run-dir", str(run_dir), "--overwrite"]
     if gpus > 1:
         return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "speedrun.gpt", *args]
     return [_python(), "-m", "speedrun.gpt", *args]
@@ -91,8 +91,9 @@ def cifar_command(kernels: str, run_dir: Path, dry_run: bool) -> list[str]:
     shape = (["--preset", "smoke", "--epochs", "1", "--synthetic-train", "600", "--synthetic-test", "200",
               "--whiten-images", "200", "--device", "cpu"] if dry_run
              else ["--preset", "record", "--compile-mode", "default"])
+    # --overwrite: a rerun into the same --out (a retried session) replaces the earlier runs.
     return [_python(), "-m", "speedrun.cifar", *shape, "--runs", "1", "--kernels", kernels,
-            "--run-dir", str(run_dir)]
+            "--run-dir", str(run_dir), "--overwrite"]
 
 
 def plan(out: Path, *, dry_run: bool, gpus: int, cores: int) -> list[Stage]:

@@ -77,3 +77,23 @@ def test_auto_and_off_attention_agree_at_every_window_setting():
         for blocks in range(1, 15):
             a, b = ours(inputs, targets, blocks), off(inputs, targets, blocks)
             assert abs(a.item() - b.item()) < 2e-3 * abs(b.item()), blocks
+
+
+def test_the_record_heads_cpu_matmul_gives_torchs_scaled_mm_values():
+    # On a CPU the record's head widens its FP8 operands to fp32 (torch's CPU _scaled_mm is a
+    # naive loop, minutes per step).  fp32 holds every e4m3 x e4m3 / e5m2 x e4m3 product
+    # exactly, so the two differ only in the order of the fp32 sums over K = 96 (a few ulp of
+    # fp32, far under bf16's 2^-8 output rounding): the bf16 outputs may differ by one bf16
+    # ulp where the sum lands near a rounding boundary, and the fp32 one to 1e-5 relative.
+    from speedrun.gpt.baseline import _scaled_mm
+    torch.manual_seed(5)
+    x8 = (torch.randn(37, 96) * 4).to(torch.float8_e4m3fn)
+    g8 = (torch.randn(37, 96) * 4).to(torch.float8_e5m2)
+    w8 = (torch.randn(53, 96) * 4).to(torch.float8_e4m3fn)
+    sa, sb = torch.tensor(0.37), torch.tensor(1.9)
+    for a in (x8, g8):
+        for out_dtype, rtol in ((torch.bfloat16, 2 ** -7), (torch.float32, 1e-5)):
+            ours = _scaled_mm(a, w8.T, out_dtype=out_dtype, scale_a=sa, scale_b=sb, use_fast_accum=False)
+            torchs = torch._scaled_mm(a, w8.T, out_dtype=out_dtype, scale_a=sa, scale_b=sb, use_fast_accum=False)
+            assert ours.dtype == torchs.dtype == out_dtype
+            torch.testing.assert_close(ours.float(), torchs.float(), rtol=rtol, atol=1e-3)

@@ -116,6 +116,17 @@ EAGER_ATTENTION_NOTE = ("attention=flex without torch.compile: eager FlexAttenti
 
 # ---- head: FP8 matmul through torch._scaled_mm, then the softcapped loss -----------------
 
+def _scaled_mm(a, b, *, out_dtype, scale_a, scale_b, use_fast_accum):
+    """torch._scaled_mm on CUDA.  On a CPU, torch's FP8 matmul is a naive loop (over 5 minutes
+    for one 1024x768x50304 product on 2 cores), so there the same FP8 operands are widened to
+    fp32, which holds every FP8 product exactly, and multiplied by the BLAS: the values the
+    record's head sees, up to the order of the fp32 sums."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, out_dtype=out_dtype, scale_a=scale_a, scale_b=scale_b,
+                                use_fast_accum=use_fast_accum)
+    return (a.float() @ b.float()).mul_(scale_a * scale_b).to(out_dtype)
+
+
 class _ScaledMMLinear(torch.autograd.Function):
     """y = x @ w^T in FP8 with per-tensor scales, gradients through e5m2 (the record's head)."""
 
@@ -124,8 +135,8 @@ class _ScaledMMLinear(torch.autograd.Function):
         x8 = x.mul(x_scale).to(torch.float8_e4m3fn)
         w8 = weight.mul(w_scale).to(torch.float8_e4m3fn)
         one = torch.ones((), device=x.device, dtype=torch.float32)
-        y = torch._scaled_mm(x8, w8.T, out_dtype=torch.bfloat16, scale_a=one / x_scale, scale_b=one / w_scale,
-                             use_fast_accum=True)
+        y = _scaled_mm(x8, w8.T, out_dtype=torch.bfloat16, scale_a=one / x_scale, scale_b=one / w_scale,
+                       use_fast_accum=True)
         ctx.save_for_backward(x8, w8)
         ctx.scales = (x_scale, w_scale, grad_scale)
         ctx.weight_dtype = weight.dtype
@@ -137,10 +148,10 @@ class _ScaledMMLinear(torch.autograd.Function):
         x_scale, w_scale, grad_scale = ctx.scales
         one = torch.ones((), device=grad.device, dtype=torch.float32)
         g8 = grad.mul(grad_scale).to(torch.float8_e5m2)
-        grad_x = torch._scaled_mm(g8, w8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=one / grad_scale,
-                                  scale_b=one / w_scale, use_fast_accum=False)
-        grad_w = torch._scaled_mm(x8.T.contiguous(), g8.T.contiguous().T, out_dtype=torch.float32,
-                                  scale_a=one / x_scale, scale_b=one / grad_scale, use_fast_accum=False).T
+        grad_x = _scaled_mm(g8, w8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=one / grad_scale,
+                            scale_b=one / w_scale, use_fast_accum=False)
+        grad_w = _scaled_mm(x8.T.contiguous(), g8.T.contiguous().T, out_dtype=torch.float32,
+                            scale_a=one / x_scale, scale_b=one / grad_scale, use_fast_accum=False).T
         return grad_x, grad_w.to(ctx.weight_dtype), None, None, None
 
 
