@@ -127,6 +127,41 @@ def test_loader_matches_the_record(tmp_path, world_size):
             assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_fewer_ranks_with_passes_read_the_records_eight_ranks_tokens(tmp_path, world_size):
+    # The record's 8 ranks, played by world_size processes of 8 // world_size accumulation
+    # passes: rank r's pass k must read what the record's rank r*passes + k reads, shard
+    # switches included (16 tokens over 8 virtual ranks: 2 per pass).
+    paths = make_shards(tmp_path, SIZES)
+    shards = [read_shard(p) for p in paths]
+    passes = 8 // world_size
+    for rank in range(world_size):
+        ours = drain(TokenLoader(paths, 16, rank, world_size, passes=passes))
+        record_ranks = [list(record_generator(shards, 16, rank * passes + k, 8)) for k in range(passes)]
+        theirs = [record_ranks[k][step] for step in range(len(record_ranks[0])) for k in range(passes)]
+        assert len(ours) == len(theirs) == passes * (6 + 1 + 3 + 4)
+        for (x, y), (rx, ry) in zip(ours, theirs):
+            assert x.shape == (2,) and torch.equal(x, rx) and torch.equal(y, ry)
+    # Why passes exist: one process advancing one 2-token pass at a time applies the shard
+    # switch rule per pass and leaves the record's order at the first switch.
+    per_pass = drain(TokenLoader(paths, 2, 0, 1))
+    record_order = [list(record_generator(shards, 16, v, 8))[step] for step in range(14) for v in range(8)]
+    assert not all(torch.equal(x, rx) for (x, _), (rx, _) in zip(per_pass, record_order))
+
+
+def test_a_resume_between_passes_continues_the_step(tmp_path):
+    paths = make_shards(tmp_path, SIZES)
+    original = TokenLoader(paths, 16, 1, 2, passes=4)
+    for _ in range(4 * 5 + 2):  # into the first step after the 100-token shard, 2 passes in
+        original.next_batch()
+    resumed = TokenLoader(paths, 16, 1, 2, passes=4)
+    resumed.load_state_dict(original.state_dict())
+    for (x, y), (rx, ry) in zip(drain(original), drain(resumed)):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    with pytest.raises(ValueError, match="pass 3 of a step.*2 passes"):
+        TokenLoader(paths, 16, 0, 2, passes=2).load_state_dict({**resumed.state_dict(), "pass_index": 3})
+
+
 def test_ranks_tile_the_global_batch(tmp_path):
     paths = make_shards(tmp_path, SIZES)
     whole = drain(TokenLoader(paths, 16, 0, 1))
@@ -202,6 +237,10 @@ def test_loader_validates_its_arguments(tmp_path):
     paths = make_shards(tmp_path, SIZES)
     with pytest.raises(ValueError, match="multiple of world_size"):
         TokenLoader(paths, 15, 0, 2)
+    with pytest.raises(ValueError, match="multiple of world_size x passes"):
+        TokenLoader(paths, 16, 0, 2, passes=3)
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        TokenLoader(paths, 16, 0, 1, passes=0)
     with pytest.raises(ValueError, match="rank 2"):
         TokenLoader(paths, 16, 2, 2)
     with pytest.raises(ValueError, match="no shard holds more than"):

@@ -135,23 +135,33 @@ class TokenLoader:
     pos 0.  After the last shard: with wrap=True the first shard again (`epoch` counts the
     passes), else OutOfData.
 
-    The position (shard, pos, epoch) is the same on every rank, so `state_dict()` from
-    any rank resumes all of them at exactly the next batch.
+    Fewer processes than the record's 8 ranks: with `passes` = A, this process stands for
+    A of world_size x A virtual ranks, and its A successive `next_batch()` calls of one
+    step read virtual ranks rank*A, ..., rank*A + A-1 (local = global_batch_tokens //
+    (world_size x A)); pos advances and the shard-switch rule is applied once per step, on
+    the whole global batch, as in the record.  So 1 GPU x 8 accumulation passes reads
+    exactly the record's tokens, shard switches included (advancing one pass at a time
+    would switch shards on a per-pass rule and drift from the record at the first switch).
+
+    The position (shard, pos, epoch, pass) is the same on every rank, so `state_dict()`
+    from any rank resumes all of them at exactly the next batch.
     """
 
     def __init__(self, files: Sequence[str | Path], global_batch_tokens: int, rank: int = 0, world_size: int = 1,
-                 *, device: str | torch.device = "cpu", wrap: bool = False):
+                 *, passes: int = 1, device: str | torch.device = "cpu", wrap: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if global_batch_tokens < 1 or global_batch_tokens % world_size:
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
+        if global_batch_tokens < 1 or global_batch_tokens % (world_size * passes):
             raise ValueError(f"global_batch_tokens ({global_batch_tokens}) must be a positive multiple of "
-                             f"world_size ({world_size})")
+                             f"world_size x passes ({world_size} x {passes})")
         self.files = sorted((Path(f) for f in files), key=str)
         if not self.files:
             raise FileNotFoundError(f"TokenLoader got no shard files; {DOWNLOAD_HINT}")
         self.global_batch_tokens = global_batch_tokens
-        self.local_batch_tokens = global_batch_tokens // world_size
-        self.rank, self.world_size = rank, world_size
+        self.local_batch_tokens = global_batch_tokens // (world_size * passes)
+        self.rank, self.world_size, self.passes = rank, world_size, passes
         self.device = torch.device(device)
         self.wrap = wrap
         # Headers are checked up front, so a bad shard fails at start-up, not hours in.
@@ -162,6 +172,7 @@ class TokenLoader:
         # Pinned host memory lets the host-to-device copies run asynchronously.
         self._pin = self.device.type == "cuda"
         self.shard, self.pos, self.epoch, self.tokens_consumed = 0, 0, 0, 0
+        self.pass_index = 0  # which of this rank's virtual ranks the next call reads
         self._loaded_index: int | None = None
         self._tokens: torch.Tensor | None = None
 
@@ -169,7 +180,7 @@ class TokenLoader:
     def from_pattern(cls, pattern_or_dir: str | Path, split: str = "train", **kwargs) -> "TokenLoader":
         """A loader over fineweb_<split>_*.bin in a folder, or over the files a glob pattern matches.
 
-        kwargs are TokenLoader's (global_batch_tokens, rank, world_size, device, wrap)."""
+        kwargs are TokenLoader's (global_batch_tokens, rank, world_size, passes, device, wrap)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         pattern = str(Path(pattern_or_dir) / f"fineweb_{split}_*.bin") if Path(pattern_or_dir).is_dir() \
@@ -190,7 +201,8 @@ class TokenLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         shard, pos, epoch = self.shard, self.pos, self.epoch
-        while not self._serves(shard, pos):
+        # Only a step's first pass may switch shards: the later ones read the same global batch.
+        while self.pass_index == 0 and not self._serves(shard, pos):
             shard, pos = shard + 1, 0
             if shard == len(self.files):
                 if not self.wrap:
@@ -204,18 +216,22 @@ class TokenLoader:
             self._tokens = None  # let the previous shard go before the next one is read
             self._tokens = read_shard(self.files[shard], pin_memory=self._pin)
             self._loaded_index = shard
-        start = pos + self.rank * self.local_batch_tokens
+        virtual_rank = self.rank * self.passes + self.pass_index
+        start = pos + virtual_rank * self.local_batch_tokens
         window = self._tokens[start:start + self.local_batch_tokens + 1]
         inputs = window[:-1].to(device=self.device, dtype=torch.int32, non_blocking=self._pin)
         targets = window[1:].to(device=self.device, dtype=torch.int64, non_blocking=self._pin)
-        self.shard, self.pos, self.epoch = shard, pos + self.global_batch_tokens, epoch
-        self.tokens_consumed += self.global_batch_tokens
+        self.shard, self.pos, self.epoch = shard, pos, epoch
+        self.pass_index = (self.pass_index + 1) % self.passes
+        if self.pass_index == 0:  # the step's global batch is read: on to the next
+            self.pos += self.global_batch_tokens
+            self.tokens_consumed += self.global_batch_tokens
         return inputs, targets
 
     def state_dict(self) -> dict:
         """Plain ints and strings (loadable with torch.load(weights_only=True))."""
         return {"files": [f.name for f in self.files], "shard": self.shard, "pos": self.pos, "epoch": self.epoch,
-                "tokens_consumed": self.tokens_consumed}
+                "tokens_consumed": self.tokens_consumed, "pass_index": self.pass_index}
 
     def load_state_dict(self, state: dict) -> None:
         # More shards than at save time is fine (a longer run after a larger download): the
@@ -228,6 +244,12 @@ class TokenLoader:
             raise ValueError(f"invalid data position: shard {state['shard']}, pos {state['pos']}")
         self.shard, self.pos, self.epoch = int(state["shard"]), int(state["pos"]), int(state["epoch"])
         self.tokens_consumed = int(state["tokens_consumed"])
+        # Checkpoints from before virtual ranks were always saved between steps.
+        pass_index = int(state.get("pass_index", 0))
+        if not 0 <= pass_index < self.passes:
+            raise ValueError(f"the data position was saved at pass {pass_index} of a step, but this loader makes "
+                             f"{self.passes} passes per step")
+        self.pass_index = pass_index
 
 
 # ---------------------------------------------------------------------------- the downloader

@@ -9,7 +9,8 @@ of TrainConfig is a command-line option (`--help`), and a preset only changes de
 
 The global batch is kept whatever the number of GPUs: each step consumes
 `batch_tokens` tokens as world_size x accumulation forward passes of `seq_len` tokens
-(the record: 8 GPUs x 1 pass x 49152).  Timing follows the record: train_time excludes
+(the record: 8 GPUs x 1 pass x 49152), and process r's pass k reads the tokens of the
+record's rank r x accumulation + k, so 1 GPU x 8 passes trains on the record's tokens.  Timing follows the record: train_time excludes
 validation and the first steps (compilation, warm-up); step_avg is over the timed steps.
 """
 from __future__ import annotations
@@ -283,10 +284,12 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     folder, entropy_rate = data_files(cfg)
     try:  # the loaders check every shard's header: a bad file fails here, named
         val_loader(folder, cfg, ctx)  # a val split too short for --val-tokens fails here, before training
+        # Each process plays `accumulation` of the world_size x accumulation ranks the batch is
+        # split over: with fewer than 8 GPUs the run reads the record's 8 ranks' tokens exactly.
         train_loader = fineweb.TokenLoader.from_pattern(folder, split="train",
-                                                        global_batch_tokens=ctx.world_size * cfg.seq_len,
-                                                        rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                                                        wrap=cfg.data is None)
+                                                        global_batch_tokens=ctx.world_size * accumulation * cfg.seq_len,
+                                                        rank=ctx.rank, world_size=ctx.world_size, passes=accumulation,
+                                                        device=ctx.device, wrap=cfg.data is None)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(f"--data: {error}") from None
     model_fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in MODEL_FIELDS}
