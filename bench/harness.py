@@ -40,7 +40,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 SCHEMA_VERSION = 1
-NO_GPU_MESSAGE = "No CUDA GPU found (torch.cuda.is_available() is False), so nothing was measured."
+# What a user without a GPU can do instead: the compiled-code readings, the committed
+# results, and the one-call GPU session's CPU dry run.
+NO_GPU_MESSAGE = ("No CUDA GPU found (torch.cuda.is_available() is False), so nothing was measured.\n"
+                  "Without a GPU: `python -m bench.static` reads the kernels' compiled sm_90 code "
+                  "(registers, spills, wgmma, predicted times), bench/results/ holds committed readings, "
+                  "and `bash bench/gpu_session.sh --dry-run` rehearses the GPU session on the CPU.")
 
 GBPS = "GB/s"
 TFLOPS = "TFLOP/s"

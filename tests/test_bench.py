@@ -299,6 +299,7 @@ def test_suite_without_gpu_says_so_and_exits_0(tmp_path):
     done = run_cli("bench", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == harness.NO_GPU_MESSAGE
+    assert "python -m bench.static" in done.stdout  # and what to do instead
     assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
 
 

@@ -80,7 +80,7 @@ def test_an_unreachable_source_says_how_to_supply_the_tarball_by_hand(tmp_path):
     assert os.listdir(tmp_path / "cache" / "cifar10") == []
 
 
-def test_a_corrupt_cached_tarball_is_fetched_again(tmp_path, fake_cifar):
+def test_a_corrupt_cached_tarball_is_named_and_fetched_again(tmp_path, fake_cifar, capsys):
     tarball, md5, _ = fake_cifar
     folder = tmp_path / "cache" / "cifar10"
     folder.mkdir(parents=True)
@@ -93,6 +93,9 @@ def test_a_corrupt_cached_tarball_is_fetched_again(tmp_path, fake_cifar):
 
     data.ensure_cifar10(tmp_path / "cache", url=tarball.as_uri(), md5=md5, fetch=fetch)
     assert fetched == [tarball.as_uri()] and (folder / "train.pt").is_file()
+    # The hand-placed file is named with its wrong md5, not replaced silently.
+    bad_md5 = hashlib.md5(b"truncated").hexdigest()
+    assert f"{folder / data.TARBALL} has md5 {bad_md5}, expected {md5}" in capsys.readouterr().err
 
 
 def test_a_tarball_without_the_cifar_members_is_refused(tmp_path):
