@@ -1,5 +1,6 @@
 """speedrun.data: the .bin shard format, TokenLoader against the record's generator, the
 synthetic corpus against its stated entropy rate, and the downloader CLI (no network)."""
+import hashlib
 import json
 import math
 import subprocess
@@ -292,6 +293,11 @@ def test_corpus_json(tiny_corpus):
     assert meta["spec"]["K"] == TINY.K and meta["version"] == TINY.version
     assert meta["shards"] == {"fineweb_val_000000.bin": 50_000, "fineweb_train_000001.bin": 1_000_000,
                               "fineweb_train_000002.bin": 1_000_000}
+    assert [(entry["name"], entry["tokens"]) for entry in meta["manifest"]] == list(meta["shards"].items())
+    for entry in meta["manifest"]:
+        shard = folder / entry["name"]
+        assert entry["bytes"] == shard.stat().st_size == 1024 + 2 * entry["tokens"]
+        assert entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
 
 
 def test_documents_and_token_ids(tiny_corpus):

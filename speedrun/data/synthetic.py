@@ -21,7 +21,11 @@ every document starts with EOT.
 
     python -m speedrun.data.synthetic [--out DIR]
 
-generates the default corpus (into the cache, or DIR) and prints its entropy rate.
+generates the default corpus (into the cache, or DIR) and prints its entropy rate;
+
+    python -m speedrun.data.synthetic --verify [--out DIR]
+
+checks every shard of it against the sha256 manifest in corpus.json and exits 0 or 1.
 """
 from __future__ import annotations
 
@@ -136,19 +140,27 @@ def _split_shards(split: str, total: int, first_index: int, spec: SyntheticSpec)
     return [(f"fineweb_{split}_{first_index + i:06d}.bin", n) for i, n in enumerate(sizes)]
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def generate(spec: SyntheticSpec, out_dir: str | Path) -> Path:
     """Write the corpus into out_dir: fineweb_val_000000.bin.., fineweb_train_000001.bin..,
-    and corpus.json (written last: its presence marks a complete corpus)."""
+    and corpus.json, written last, whose "manifest" lists every shard's name, token count,
+    byte size and sha256, so a damaged copy can be told from a complete one
+    (corpus_problems)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = {}
+    shards, manifest = {}, []
     for split_id, (split, total, first_index) in enumerate([("val", spec.val_tokens, 0),
                                                              ("train", spec.train_tokens, 1)]):
         for shard_id, (name, count) in enumerate(_split_shards(split, total, first_index, spec)):
             # A stream per shard: one shard's tokens are in memory at a time, whatever the corpus size.
             rng = np.random.default_rng([spec.seed, split_id, shard_id])
-            fineweb.write_shard(out_dir / name, sample_tokens(spec, count, rng))
+            path = fineweb.write_shard(out_dir / name, sample_tokens(spec, count, rng))
             shards[name] = count
+            manifest.append({"name": name, "tokens": count, "bytes": path.stat().st_size, "sha256": _sha256(path)})
     offsets, probs = noise_distribution(spec)
     description = {
         "what": "speedrun synthetic corpus: a Markov chain over K content tokens and EOT (speedrun/data/synthetic.py)",
@@ -161,7 +173,8 @@ def generate(spec: SyntheticSpec, out_dir: str | Path) -> Path:
         "offset_probs": probs.tolist(),
         "train_tokens": spec.train_tokens,
         "val_tokens": spec.val_tokens,
-        "shards": shards,
+        "shards": shards,  # name -> token count, as before the manifest, for the readers of that form
+        "manifest": manifest,
     }
     (out_dir / "corpus.json").write_text(json.dumps(description, indent=1) + "\n")
     return out_dir
