@@ -218,12 +218,15 @@ def corpus_problems(folder: str | Path) -> list[str]:
     problems = []
     for entry in manifest:
         name, path = entry["name"], folder / entry["name"]
-        if not path.is_file():
+        try:
+            if (size := path.stat().st_size) != entry["bytes"]:
+                problems.append(f"{name} has {size} bytes, the manifest says {entry['bytes']}")
+            elif _sha256(path) != entry["sha256"]:
+                problems.append(f"{name} does not match the manifest's sha256 (same size, different bytes)")
+        # Caught around the reads too, not tested beforehand: ensure_corpus runs this check
+        # before taking the lock, while another process may be replacing the folder.
+        except FileNotFoundError:
             problems.append(f"{name} is missing")
-        elif (size := path.stat().st_size) != entry["bytes"]:
-            problems.append(f"{name} has {size} bytes, the manifest says {entry['bytes']}")
-        elif _sha256(path) != entry["sha256"]:
-            problems.append(f"{name} does not match the manifest's sha256 (same size, different bytes)")
     # The loader reads every fineweb_<split>_*.bin in the folder, so a stray shard would be trained on.
     listed = {entry["name"] for entry in manifest}
     problems += [f"{path.name} is not in the manifest" for path in sorted(folder.glob("fineweb_*.bin"))
