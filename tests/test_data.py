@@ -1,7 +1,10 @@
 """speedrun.data: the .bin shard format, TokenLoader against the record's generator, the
 synthetic corpus against its stated entropy rate, and the downloader CLI (no network)."""
+import hashlib
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import types
@@ -331,6 +334,11 @@ def test_corpus_json(tiny_corpus):
     assert meta["spec"]["K"] == TINY.K and meta["version"] == TINY.version
     assert meta["shards"] == {"fineweb_val_000000.bin": 50_000, "fineweb_train_000001.bin": 1_000_000,
                               "fineweb_train_000002.bin": 1_000_000}
+    assert [(entry["name"], entry["tokens"]) for entry in meta["manifest"]] == list(meta["shards"].items())
+    for entry in meta["manifest"]:
+        shard = folder / entry["name"]
+        assert entry["bytes"] == shard.stat().st_size == 1024 + 2 * entry["tokens"]
+        assert entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
 
 
 def test_documents_and_token_ids(tiny_corpus):
@@ -381,8 +389,12 @@ def test_empirical_conditional_entropy_matches_the_rate(tiny_corpus):
     assert abs(plug_in + miller_madow - rate) < tolerance
 
 
+# A corpus of three small shards (val 1000 tokens, train 2000 + 1000) for the cache tests.
+SMALL = synthetic.SyntheticSpec(K=32, num_offsets=4, train_tokens=3000, val_tokens=1000, shard_tokens=2000)
+
+
 def test_ensure_corpus_caches(tmp_path, monkeypatch, capsys):
-    spec = synthetic.SyntheticSpec(K=32, num_offsets=4, train_tokens=3000, val_tokens=1000, shard_tokens=2000)
+    spec = SMALL
     (tmp_path / f".{synthetic.corpus_name(spec)}.partial-killed").mkdir()  # a killed run's leftover
     folder = synthetic.ensure_corpus(spec, cache_dir=tmp_path)
     assert folder.parent == tmp_path and folder.name.startswith("synthetic-v1-")
@@ -400,6 +412,73 @@ def test_ensure_corpus_caches(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     # Another spec is another folder.
     assert synthetic.corpus_name(spec) != synthetic.corpus_name(synthetic.SyntheticSpec(K=33, num_offsets=4))
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[1024 + 7] ^= 0xFF  # a token's byte: the size stays, the sha256 changes
+    path.write_bytes(bytes(data))
+
+
+def _drop_the_manifest(path):
+    """corpus.json as written before it had a manifest."""
+    description = json.loads(path.read_text())
+    del description["manifest"]
+    path.write_text(json.dumps(description))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda folder: (folder / "fineweb_train_000001.bin").unlink(), "fineweb_train_000001.bin is missing"),
+    (lambda folder: (folder / "fineweb_val_000000.bin").unlink(), "fineweb_val_000000.bin is missing"),
+    (lambda folder: os.truncate(folder / "fineweb_train_000002.bin", 1500),
+     "fineweb_train_000002.bin has 1500 bytes, the manifest says 3024"),
+    (lambda folder: _flip_a_byte(folder / "fineweb_train_000002.bin"),
+     "fineweb_train_000002.bin does not match the manifest's sha256"),
+    (lambda folder: shutil.copy(folder / "fineweb_train_000002.bin", folder / "fineweb_train_000003.bin"),
+     "fineweb_train_000003.bin is not in the manifest"),
+    (lambda folder: (folder / "corpus.json").write_text('{"entropy_rate": 2.'), "corpus.json is not valid JSON"),
+    (lambda folder: (folder / "corpus.json").unlink(), "corpus.json is missing"),
+    (lambda folder: _drop_the_manifest(folder / "corpus.json"), "corpus.json holds no shard manifest"),
+])
+def test_ensure_corpus_regenerates_a_damaged_corpus(tmp_path, capsys, damage, message):
+    folder = synthetic.ensure_corpus(SMALL, cache_dir=tmp_path)
+    pristine = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    damage(folder)
+    assert synthetic.ensure_corpus(SMALL, cache_dir=tmp_path) == folder
+    err = capsys.readouterr().err
+    reason = err.splitlines()[0]  # one line says what was wrong, then the usual "generating" line
+    assert str(folder) in reason and message in reason and "regenerating" in reason
+    assert "generating the synthetic corpus" in err.splitlines()[1]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == pristine  # deterministic: the same corpus again
+    train = TokenLoader.from_pattern(folder, split="train", global_batch_tokens=16)
+    assert [p.name for p in train.files] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert sum(shard_token_count(p) for p in train.files) == SMALL.train_tokens
+    assert synthetic.ensure_corpus(SMALL, cache_dir=tmp_path) == folder and capsys.readouterr().err == ""
+
+
+def test_verify_names_the_damaged_shard_and_passes_after_regeneration(tmp_path, monkeypatch, capsys):
+    folder = synthetic.ensure_corpus(SMALL, cache_dir=tmp_path)
+    capsys.readouterr()
+    assert synthetic.main(["--verify", "--out", str(folder)]) == 0
+    assert f"{folder}: ok" in capsys.readouterr().out
+    _flip_a_byte(folder / "fineweb_train_000001.bin")
+    assert synthetic.main(["--verify", "--out", str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert "fineweb_train_000001.bin does not match the manifest's sha256" in err and "regenerates it" in err
+    assert "fineweb_train_000002.bin" not in err and "ok" not in out
+    synthetic.ensure_corpus(SMALL, cache_dir=tmp_path)
+    assert synthetic.main(["--verify", "--out", str(folder)]) == 0
+    # Without --out it checks the default corpus's cache folder, and generates nothing there.
+    monkeypatch.setenv("SPEEDRUN_CACHE", str(tmp_path / "empty"))
+    assert synthetic.main(["--verify"]) == 1
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "empty").exists()
+
+
+def test_verify_help():
+    result = subprocess.run([sys.executable, "-m", "speedrun.data.synthetic", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "--verify" in result.stdout and "sha256" in result.stdout
 
 
 def test_ensure_corpus_concurrent_processes_generate_once(tmp_path):
