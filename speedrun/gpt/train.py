@@ -269,14 +269,14 @@ def _main(argv=None) -> int:
     ctx = distributed.setup(cfg.device)
     clean = False
     try:
-        status = train(cfg, preset, ctx)
+        status = train(cfg, preset, ctx, runlog.command_line("speedrun.gpt", argv))
         clean = True
         return status
     finally:
         distributed.teardown(clean=clean)
 
 
-def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
+def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) -> int:
     accumulation = check_config(cfg, ctx.world_size)
     chosen = ablation.parse_kernels(cfg.kernels, FAMILIES)
     # ---- everything a user can get wrong is checked before the run folder exists
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     if run_dir.exists() and cfg.overwrite and ctx.is_main:
         shutil.rmtree(run_dir)
     log = runlog.RunLog(run_dir, enabled=ctx.is_main)
-    log.header(dataclasses.asdict(cfg), runlog.environment(), ablation.describe(chosen, FAMILIES))
+    log.header(dataclasses.asdict(cfg), runlog.environment(command), ablation.describe(chosen, FAMILIES))
 
     # ---- model and optimizers
     torch.manual_seed(cfg.seed)
