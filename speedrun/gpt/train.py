@@ -359,6 +359,9 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) ->
     synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     timing_warmup = min(10, cfg.steps // 10)  # first steps compile and warm up: not timed
 
+    def validates(step: int) -> bool:
+        return step == cfg.steps or (cfg.val_every > 0 and step % cfg.val_every == 0)
+
     # ---- the loop: validate, then train one step, until the last validation
     synchronize()
     t0 = time.perf_counter()
@@ -369,14 +372,12 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) ->
             training_time_ms, t0 = 0.0, time.perf_counter()
         timed_steps = step - timing_warmup
 
-        if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
-            synchronize()
-            training_time_ms += 1000 * (time.perf_counter() - t0)
+        if validates(step):  # the clock stopped at the end of the step before (or has not run yet)
             val_loss = evaluate(step_model, folder, cfg, ctx, blocks)
             avg = f" step_avg:{training_time_ms / timed_steps:.2f}ms" if timed_steps > 0 else ""
             floor = f" (corpus entropy rate {entropy_rate:.4f})" if entropy_rate is not None else ""
-            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} train_time:{training_time_ms:.0f}ms"
-                     f"{avg}")
+            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} "
+                     f"train_time:{training_time_ms:.0f}ms{avg}")
             log.metric({"event": "val", "step": step, "val_loss": val_loss, "entropy_rate": entropy_rate,
                         "train_time_ms": training_time_ms})
             synchronize()
@@ -403,14 +404,23 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) ->
                     opt.step()
                 model.zero_grad(set_to_none=True)
 
-        approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
+        if validates(step + 1):
+            # Stop the clock until the validation restarts it: this step's line and the
+            # validation line after it then show the same train_time and step_avg.
+            synchronize()
+            training_time_ms += 1000 * (time.perf_counter() - t0)
+            approx_ms = training_time_ms
+        else:
+            approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         done_timed = timed_steps + 1  # this step is done: the same divisor as the val line at the next step
         avg = f" step_avg:{approx_ms / done_timed:.2f}ms" if done_timed > 0 else " (warm-up, not timed)"
-        log.quiet_line(f"step:{step + 1}/{cfg.steps} train_time:{approx_ms:.0f}ms{avg}")
         record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "window_blocks": blocks}
+        loss_text = ""
         if (step + 1) % cfg.log_every == 0:
             record["train_loss"] = distributed.all_reduce_mean(step_loss).item() / cfg.log_every
+            loss_text = f" train_loss:{record['train_loss']:.4f}"
             step_loss.zero_()
+        log.quiet_line(f"step:{step + 1}/{cfg.steps}{loss_text} train_time:{approx_ms:.0f}ms{avg}")
         log.metric(record)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             synchronize()
