@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from speedrun import ablation, distributed
 from speedrun.data import fineweb
-from speedrun.gpt import train
+from speedrun.gpt import report, train
 from speedrun.gpt.model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,6 +180,26 @@ def test_a_run_writes_a_summary_and_a_training_plot(tmp_path):
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     assert not list(run_dir.glob(".*tmp*"))  # written atomically: no temporary left
     assert "summary: " in (run_dir / "log.txt").read_text().splitlines()[-2]
+
+
+def test_a_fineweb_summary_says_there_is_no_entropy_rate_and_times_only_the_timed_steps(tmp_path):
+    # metrics.jsonl as a FineWeb run logs it: no entropy rate; the clock restarts after step 1
+    # (timing_warmup = 1); a checkpoint at step 2 was written outside the clock.
+    start = {"event": "start", "time": 0.0, "kernels": "attention=ours (ours)",
+             "config": {"steps": 4, "batch_tokens": 1000, "log_every": 2},
+             "environment": {"command": "python -m speedrun.gpt --data fineweb10B"}}
+    cumulative = {1: 900.0, 2: 100.0, 3: 300.0, 4: 600.0}
+    steps = [{"event": "step", "time": float(step), "step": step, "train_time_ms": ms,
+              **({"train_loss": 5.0 - step / 2} if step % 2 == 0 else {})} for step, ms in cumulative.items()]
+    vals = [{"event": "val", "time": 4.5, "step": 4, "val_loss": 3.5, "entropy_rate": None, "train_time_ms": 600.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [start, *steps, *vals]) + "{cut sho")
+    assert report.step_times(steps, timing_warmup=1) == {2: 100.0, 3: 200.0, 4: 300.0}
+    summary_path, plot = report.write_summary(tmp_path, preset="record", timing_warmup=1, device="CPU")
+    summary = summary_path.read_text()
+    assert "final 3.5000 (step 4)" in summary and "unknown (FineWeb data" in summary and "gap" not in summary
+    assert "final train loss: 3.0000 (step 4" in summary
+    assert "mean step time: 200.00 ms/step, 5,000 tokens/s (steps 2..4" in summary
+    assert plot.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_ctrl_c_still_writes_a_summary_of_the_steps_done(tmp_path, monkeypatch):
