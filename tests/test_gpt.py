@@ -136,7 +136,7 @@ def test_bad_kernels_spec(spec, match):
 def test_smoke_training_logs_like_the_record_and_val_loss_falls(tmp_path):
     run_dir = run_train(tmp_path, "--steps", "40", "--val-every", "20")
     log = (run_dir / "log.txt").read_text()
-    assert "step:40/40 train_time:" in log and "step_avg:" in log
+    assert "step:40/40 train_loss:" in log and "step_avg:" in log  # --log-every 1: the loss on every line
     assert "kernels: attention=ours (ours)" in log
     vals = [m for m in metrics(run_dir) if m["event"] == "val"]
     assert [m["step"] for m in vals] == [0, 20, 40]
