@@ -38,6 +38,8 @@ from typing import Callable
 import torch
 from torch.autograd import DeviceType
 
+from speedrun.runlog import write_atomically
+
 # The one object every disabled step()/phase() and every inactive label() returns.
 _NO_OP = contextlib.nullcontext()
 
@@ -204,7 +206,7 @@ class Profiler:
         profiler.stop()
         _trace.active = False
         self._trace_done = True
-        _write_atomically(self.out_dir / "trace.json", lambda path: profiler.export_chrome_trace(str(path)))
+        write_atomically(self.out_dir / "trace.json", lambda path: profiler.export_chrome_trace(str(path)))
         self._family_time, self._families = _time_by_family(profiler.events(), _trace.labels,
                                                             len(self._traced_steps))
 
@@ -218,9 +220,9 @@ class Profiler:
                 self._close_trace()
             self._steps_file.close()
             self._summary = self._summarize()
-            _write_atomically(self.out_dir / "summary.md",
+            write_atomically(self.out_dir / "summary.md",
                               lambda path: path.write_text(self._markdown(self._summary)))
-            _write_atomically(self.out_dir / "step_breakdown.png", self._plot)
+            write_atomically(self.out_dir / "step_breakdown.png", self._plot)
         return self._summary
 
     # ---- the summary ------------------------------------------------------------------
@@ -557,10 +559,3 @@ def _shorten(name: str, limit: int = 100) -> str:
     """Kernel names from C++ templates run to thousands of characters."""
     name = name.replace("|", "\\|")
     return name if len(name) <= limit else name[:limit - 3] + "..."
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a sibling temporary file, then rename it over `path`: never half a file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(temporary)
-    os.replace(temporary, path)

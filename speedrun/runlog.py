@@ -9,10 +9,13 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,12 +35,27 @@ def git_commit() -> str | None:
     return done.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def environment() -> dict:
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run: `python -m <module> <args>`, whether the trainer was
+    started with -m (sys.argv[0] is then the path of its __main__.py, which reads as a script)
+    or called as main(argv).  Under torchrun the launcher's own options are gone from the
+    worker's argv: the prefix is rebuilt from the process counts torchrun exports."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    words = ["python", "-m", module, *args]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun (torch.distributed.run) only
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        nodes = int(os.environ.get("WORLD_SIZE", per_node)) // per_node
+        words = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc_per_node={per_node}",
+                 "-m", module, *args]
+    return shlex.join(words)
+
+
+def environment(command: str) -> dict:
     """Versions, devices and the command: what a reader needs to reproduce or compare a run."""
     import triton
 
     info = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": command,
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -56,6 +74,26 @@ def environment() -> dict:
     return info
 
 
+def _wrapped(title: str, values: dict, width: int = 100) -> str:
+    """`# title: key=value ...` lines of at most `width` characters, values with spaces or
+    structure as compact JSON so each pair stays readable."""
+    def text(value) -> str:
+        if isinstance(value, str) and value and " " not in value:
+            return value
+        return json.dumps(value, separators=(",", ":"))
+
+    pairs = " ".join(f"{key}={text(value)}" for key, value in sorted(values.items()))
+    return textwrap.fill(pairs, width=width, initial_indent=f"# {title}: ", subsequent_indent="#   ",
+                         break_on_hyphens=False) + "\n"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a sibling temporary file, then rename it over `path`: never half a file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
 class RunLog:
     def __init__(self, run_dir: str | Path, *, enabled: bool):
         self.enabled = enabled
@@ -71,8 +109,8 @@ class RunLog:
         """The run's identity, at the top of log.txt and as the first metrics record."""
         if not self.enabled:
             return
-        self._log.write(f"# config {json.dumps(config, sort_keys=True)}\n")
-        self._log.write(f"# environment {json.dumps(env, sort_keys=True)}\n")
+        # log.txt is read by people: wrapped key=value lines (metrics.jsonl keeps the JSON).
+        self._log.write(_wrapped("config", config) + _wrapped("environment", env))
         self._log.write(f"# kernels {kernels_line}\n")
         self.metric({"event": "start", "config": config, "environment": env, "kernels": kernels_line})
         self.line(f"run folder: {self.run_dir}")

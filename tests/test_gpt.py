@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from speedrun import ablation, distributed
 from speedrun.data import fineweb
-from speedrun.gpt import train
+from speedrun.gpt import report, train
 from speedrun.gpt.model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +136,7 @@ def test_bad_kernels_spec(spec, match):
 def test_smoke_training_logs_like_the_record_and_val_loss_falls(tmp_path):
     run_dir = run_train(tmp_path, "--steps", "40", "--val-every", "20")
     log = (run_dir / "log.txt").read_text()
-    assert "step:40/40 train_time:" in log and "step_avg:" in log
+    assert "step:40/40 train_loss:" in log and "step_avg:" in log  # --log-every 1: the loss on every line
     assert "kernels: attention=ours (ours)" in log
     vals = [m for m in metrics(run_dir) if m["event"] == "val"]
     assert [m["step"] for m in vals] == [0, 20, 40]
@@ -144,6 +144,79 @@ def test_smoke_training_logs_like_the_record_and_val_loss_falls(tmp_path):
     assert vals[0]["entropy_rate"] > 0
     start = metrics(run_dir)[0]
     assert start["event"] == "start" and start["environment"]["torch"] == torch.__version__
+    assert start["environment"]["command"].startswith("python -m speedrun.gpt --preset smoke --num-layers 4")
+    assert "# environment: command=\"python -m speedrun.gpt --preset smoke" in log
+
+
+def test_the_log_is_short_readable_lines_with_the_train_loss_and_one_step_avg_per_step(tmp_path):
+    run_dir = run_train(tmp_path, "--steps", "4", "--val-every", "2", "--log-every", "2")
+    log = (run_dir / "log.txt").read_text()
+    assert max(len(line) for line in log.splitlines()) <= 200, log  # not the config's JSON on one line
+    assert "nan" not in log
+    assert re.search(r"^step:2/4 train_loss:\d+\.\d{4} train_time:", log, re.MULTILINE), log
+    # A step that ends before a validation shows the same time as the validation line.
+    for step in (2, 4):
+        avgs = re.findall(rf"^step:{step}/4 .*?(step_avg:\S+)$", log, re.MULTILINE)
+        assert len(avgs) == 2 and avgs[0] == avgs[1], log
+    config = metrics(run_dir)[0]["config"]  # the JSON keeps every option, typed
+    assert config["steps"] == 4 and config["data"] is None and config["profile"] is False
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_writes_a_summary_and_a_training_plot(tmp_path):
+    run_dir = run_train(tmp_path, "--steps", "4", "--val-every", "2", "--log-every", "2")
+    vals = [m for m in metrics(run_dir) if m["event"] == "val"]
+    summary = (run_dir / "summary.md").read_text()
+    assert "smoke preset, 4/4 steps, finished" in summary
+    assert "`python -m speedrun.gpt --preset smoke" in summary
+    final, rate = vals[-1]["val_loss"], vals[-1]["entropy_rate"]
+    assert f"final {final:.4f} (step 4)" in summary and f"corpus entropy rate {rate:.4f}" in summary
+    assert f"gap {final - rate:.4f} final" in summary
+    assert re.search(r"mean step time: \d+\.\d\d ms/step, [\d,]+ tokens/s", summary), summary
+    assert "final train loss:" in summary and str(run_dir / "log.txt") in summary
+    png = (run_dir / "training.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    assert not list(run_dir.glob(".*tmp*"))  # written atomically: no temporary left
+    assert "summary: " in (run_dir / "log.txt").read_text().splitlines()[-2]
+
+
+def test_a_fineweb_summary_says_there_is_no_entropy_rate_and_times_only_the_timed_steps(tmp_path):
+    # metrics.jsonl as a FineWeb run logs it: no entropy rate; the clock restarts after step 1
+    # (timing_warmup = 1); a checkpoint at step 2 was written outside the clock.
+    start = {"event": "start", "time": 0.0, "kernels": "attention=ours (ours)",
+             "config": {"steps": 4, "batch_tokens": 1000, "log_every": 2},
+             "environment": {"command": "python -m speedrun.gpt --data fineweb10B"}}
+    cumulative = {1: 900.0, 2: 100.0, 3: 300.0, 4: 600.0}
+    steps = [{"event": "step", "time": float(step), "step": step, "train_time_ms": ms,
+              **({"train_loss": 5.0 - step / 2} if step % 2 == 0 else {})} for step, ms in cumulative.items()]
+    vals = [{"event": "val", "time": 4.5, "step": 4, "val_loss": 3.5, "entropy_rate": None, "train_time_ms": 600.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [start, *steps, *vals]) + "{cut sho")
+    assert report.step_times(steps, timing_warmup=1) == {2: 100.0, 3: 200.0, 4: 300.0}
+    summary_path, plot = report.write_summary(tmp_path, preset="record", timing_warmup=1, device="CPU")
+    summary = summary_path.read_text()
+    assert "final 3.5000 (step 4)" in summary and "unknown (FineWeb data" in summary and "gap" not in summary
+    assert "final train loss: 3.0000 (step 4" in summary
+    assert "mean step time: 200.00 ms/step, 5,000 tokens/s (steps 2..4" in summary
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_ctrl_c_still_writes_a_summary_of_the_steps_done(tmp_path, monkeypatch):
+    schedule = train.optim.apply_schedule
+
+    def interrupt_at_step_3(optimizers, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        schedule(optimizers, step, *args, **kwargs)
+
+    monkeypatch.setattr(train.optim, "apply_schedule", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, "--steps", "6", "--val-every", "2")
+    run_dir = tmp_path / "run"
+    summary = (run_dir / "summary.md").read_text()
+    assert "3/6 steps, stopped by Ctrl-C after step 3" in summary and "final " in summary
+    assert (run_dir / "training.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def final_parameters(run_dir):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from speedrun import checkpoint
+from speedrun import checkpoint, runlog
 from speedrun.cifar import train as cifar_train
 from speedrun.gpt import train as gpt_train
 
@@ -113,6 +113,25 @@ def test_cifar_overwrite_replaces_the_folder(tmp_path):
                              "100", "--batch-size", "100", "--whiten-images", "200", "--widths", "4,8,8",
                              "--epochs", "1", "--runs", "1", "--run-dir", str(run_dir), "--overwrite"]) == 0
     assert not (run_dir / "stale.txt").exists() and (run_dir / "summary.md").is_file()
+    assert "command: `python -m speedrun.cifar --preset smoke --device cpu" in (run_dir / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("environ,prefix", [
+    ({}, "python -m speedrun.gpt"),
+    ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "8"},
+     "torchrun --nproc_per_node=8 -m speedrun.gpt"),
+    ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"},
+     "torchrun --nnodes=2 --nproc_per_node=8 -m speedrun.gpt"),
+])
+def test_the_logged_command_is_the_module_not_its_main_file(monkeypatch, environ, prefix):
+    # `python -m speedrun.gpt` leaves the path of __main__.py in sys.argv[0].
+    monkeypatch.setattr(sys, "argv", [os.path.join(ROOT, "speedrun", "gpt", "__main__.py"), "--run-dir", "a b"])
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert runlog.command_line("speedrun.gpt", None) == f"{prefix} --run-dir 'a b'"
+    assert runlog.command_line("speedrun.gpt", ["--steps", "3"]) == f"{prefix} --steps 3"
 
 
 def test_a_user_error_under_the_cli_is_one_line_and_status_2(tmp_path):

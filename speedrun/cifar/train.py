@@ -516,7 +516,7 @@ def _main(argv=None) -> int:
     if run_dir.exists() and cfg.overwrite:
         shutil.rmtree(run_dir)
     log = runlog.RunLog(run_dir, enabled=True)
-    env = runlog.environment()
+    env = runlog.environment(runlog.command_line("speedrun.cifar", argv))
     log.header(dataclasses.asdict(cfg), env, kernels_line)
     log.line(f"data: {data_line}")
     train_loader = cifar_data.Loader(splits["train"], batch_size=cfg.batch_size, device=device, dtype=dtype,

@@ -31,7 +31,7 @@ from speedrun import ablation, checkpoint, distributed, optim, runlog
 from speedrun.cli import ArgumentParser, UsageError
 from speedrun.cli import run as run_cli
 from speedrun.data import fineweb, synthetic
-from speedrun.gpt import baseline
+from speedrun.gpt import baseline, report
 from speedrun.gpt.model import FAMILIES as MODEL_FAMILIES
 from speedrun.gpt.model import GPT, GPTConfig
 from speedrun.profiler import Profiler
@@ -270,14 +270,14 @@ def _main(argv=None) -> int:
     ctx = distributed.setup(cfg.device)
     clean = False
     try:
-        status = train(cfg, preset, ctx)
+        status = train(cfg, preset, ctx, runlog.command_line("speedrun.gpt", argv))
         clean = True
         return status
     finally:
         distributed.teardown(clean=clean)
 
 
-def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
+def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) -> int:
     accumulation = check_config(cfg, ctx.world_size)
     chosen = ablation.parse_kernels(cfg.kernels, FAMILIES)
     # ---- everything a user can get wrong is checked before the run folder exists
@@ -310,7 +310,9 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     if run_dir.exists() and cfg.overwrite and ctx.is_main:
         shutil.rmtree(run_dir)
     log = runlog.RunLog(run_dir, enabled=ctx.is_main)
-    log.header(dataclasses.asdict(cfg), runlog.environment(), ablation.describe(chosen, FAMILIES))
+    log.header(dataclasses.asdict(cfg), runlog.environment(command), ablation.describe(chosen, FAMILIES))
+    device = (f"{torch.cuda.get_device_name(ctx.device)} x {ctx.world_size} process(es)" if ctx.device.type == "cuda"
+              else f"CPU, {ctx.world_size} process(es)")
 
     # ---- model and optimizers
     torch.manual_seed(cfg.seed)
@@ -362,70 +364,93 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist) -> int:
     synchronize = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     timing_warmup = min(10, cfg.steps // 10)  # first steps compile and warm up: not timed
 
+    def validates(step: int) -> bool:
+        return step == cfg.steps or (cfg.val_every > 0 and step % cfg.val_every == 0)
+
     # ---- the loop: validate, then train one step, until the last validation
     synchronize()
     t0 = time.perf_counter()
-    for step in range(start_step, cfg.steps + 1):
-        last_step = step == cfg.steps
-        blocks = window_blocks(step, cfg.steps, cfg.window_max)
-        if step == timing_warmup and start_step <= timing_warmup:
-            training_time_ms, t0 = 0.0, time.perf_counter()
-        timed_steps = step - timing_warmup
+    try:
+        for step in range(start_step, cfg.steps + 1):
+            last_step = step == cfg.steps
+            blocks = window_blocks(step, cfg.steps, cfg.window_max)
+            if step == timing_warmup and start_step <= timing_warmup:
+                training_time_ms, t0 = 0.0, time.perf_counter()
+            timed_steps = step - timing_warmup
 
-        if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
-            synchronize()
-            training_time_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = evaluate(step_model, folder, cfg, ctx, blocks)
-            avg = f" step_avg:{training_time_ms / timed_steps:.2f}ms" if timed_steps > 0 else ""
-            floor = f" (corpus entropy rate {entropy_rate:.4f})" if entropy_rate is not None else ""
-            log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} train_time:{training_time_ms:.0f}ms"
-                     f"{avg}")
-            log.metric({"event": "val", "step": step, "val_loss": val_loss, "entropy_rate": entropy_rate,
-                        "train_time_ms": training_time_ms})
-            synchronize()
-            t0 = time.perf_counter()
-        if last_step:
-            break
+            if validates(step):  # the clock stopped at the end of the step before (or has not run yet)
+                val_loss = evaluate(step_model, folder, cfg, ctx, blocks)
+                avg = f" step_avg:{training_time_ms / timed_steps:.2f}ms" if timed_steps > 0 else ""
+                floor = f" (corpus entropy rate {entropy_rate:.4f})" if entropy_rate is not None else ""
+                log.line(f"step:{step}/{cfg.steps} val_loss:{val_loss:.4f}{floor} "
+                         f"train_time:{training_time_ms:.0f}ms{avg}")
+                log.metric({"event": "val", "step": step, "val_loss": val_loss, "entropy_rate": entropy_rate,
+                            "train_time_ms": training_time_ms})
+                synchronize()
+                t0 = time.perf_counter()
+            if last_step:
+                break
 
-        with profiler.step(step):
-            for _ in range(accumulation):
-                with profiler.phase("data"):
-                    inputs, targets = train_loader.next_batch()
-                with profiler.phase("forward"):
-                    loss = step_model(inputs, targets, blocks) / accumulation
-                with profiler.phase("backward"):
-                    loss.backward()
-                step_loss += loss.detach()
-            with profiler.phase("grad_comm"):
-                optim.average_gradients(model.parameters())
-            with profiler.phase("optimizer"):
-                optim.apply_schedule(optimizers, step, cfg.steps, cooldown_frac=cfg.cooldown_frac,
-                                     momentum_warmup=cfg.muon_momentum_warmup,
-                                     momentum_start=cfg.muon_momentum_start, momentum_end=cfg.muon_momentum)
-                for opt in optimizers:
-                    opt.step()
-                model.zero_grad(set_to_none=True)
+            with profiler.step(step):
+                for _ in range(accumulation):
+                    with profiler.phase("data"):
+                        inputs, targets = train_loader.next_batch()
+                    with profiler.phase("forward"):
+                        loss = step_model(inputs, targets, blocks) / accumulation
+                    with profiler.phase("backward"):
+                        loss.backward()
+                    step_loss += loss.detach()
+                with profiler.phase("grad_comm"):
+                    optim.average_gradients(model.parameters())
+                with profiler.phase("optimizer"):
+                    optim.apply_schedule(optimizers, step, cfg.steps, cooldown_frac=cfg.cooldown_frac,
+                                         momentum_warmup=cfg.muon_momentum_warmup,
+                                         momentum_start=cfg.muon_momentum_start, momentum_end=cfg.muon_momentum)
+                    for opt in optimizers:
+                        opt.step()
+                    model.zero_grad(set_to_none=True)
 
-        approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-        done_timed = timed_steps + 1  # this step is done: the same divisor as the val line at the next step
-        avg = f" step_avg:{approx_ms / done_timed:.2f}ms" if done_timed > 0 else " (warm-up, not timed)"
-        log.quiet_line(f"step:{step + 1}/{cfg.steps} train_time:{approx_ms:.0f}ms{avg}")
-        record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "window_blocks": blocks}
-        if (step + 1) % cfg.log_every == 0:
-            record["train_loss"] = distributed.all_reduce_mean(step_loss).item() / cfg.log_every
-            step_loss.zero_()
-        log.metric(record)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            synchronize()
-            training_time_ms = approx_ms
-            save(step + 1)
-            t0 = time.perf_counter()
+            if validates(step + 1):
+                # Stop the clock until the validation restarts it: this step's line and the
+                # validation line after it then show the same train_time and step_avg.
+                synchronize()
+                training_time_ms += 1000 * (time.perf_counter() - t0)
+                approx_ms = training_time_ms
+            else:
+                approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
+            done_timed = timed_steps + 1  # this step is done: the same divisor as the val line at the next step
+            avg = f" step_avg:{approx_ms / done_timed:.2f}ms" if done_timed > 0 else " (warm-up, not timed)"
+            record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "window_blocks": blocks}
+            loss_text = ""
+            if (step + 1) % cfg.log_every == 0:
+                record["train_loss"] = distributed.all_reduce_mean(step_loss).item() / cfg.log_every
+                loss_text = f" train_loss:{record['train_loss']:.4f}"
+                step_loss.zero_()
+            log.quiet_line(f"step:{step + 1}/{cfg.steps}{loss_text} train_time:{approx_ms:.0f}ms{avg}")
+            log.metric(record)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                synchronize()
+                training_time_ms = approx_ms
+                save(step + 1)
+                t0 = time.perf_counter()
+    except KeyboardInterrupt:
+        # Ctrl-C: summarize what metrics.jsonl holds (rank 0 only reads a file: no
+        # collective to hang on), then stop as interrupted.
+        if ctx.is_main:
+            summary_path, _ = report.write_summary(run_dir, preset=preset, timing_warmup=timing_warmup,
+                                                   device=device, interrupted=True)
+            log.line(f"interrupted: {summary_path}")
+        raise
 
     summary = profiler.finish()
     if summary:
         log.metric({"event": "profile", "summary": summary})
         log.line(f"profile: {run_dir / 'profile' / 'summary.md'}")
-    log.line(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if ctx.device.type == "cuda"
-             else "done")
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
+    if ctx.is_main:
+        summary_path, plot_path = report.write_summary(run_dir, preset=preset, timing_warmup=timing_warmup,
+                                                       device=device, peak_memory_gib=peak_gib)
+        log.line(f"summary: {summary_path}, plot: {plot_path}")
+    log.line(f"peak memory: {peak_gib:.1f} GiB" if peak_gib is not None else "done")
     log.close()
     return 0
