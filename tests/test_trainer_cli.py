@@ -43,7 +43,7 @@ GPT_BAD = [
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--val-every", "-1"], "--val-every must be >= 0"),
     (["--log-every", "0"], "--log-every must be >= 1"),
-    (["--window-max", "4096"], "--window-max must be in [128, --seq-len 512]"),
+    (["--window-max", "4096"], "--window-max must be in [128, --seq-len 256]"),
     (["--compile", "maybe"], "argument --compile: invalid choice: 'maybe'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--head-dim", "32"], "--num-heads x --head-dim (2 x 32) must equal --model-dim (128)"),
@@ -147,7 +147,7 @@ def test_help_shows_the_preset_defaults_and_the_true_run_folder(capsys):
         gpt_train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: 1770)" in text
-    assert "runs/gpt-<preset>-<time>" in text and "--preset smoke changes: steps=120" in text
+    assert "runs/gpt-<preset>-<time>" in text and "--preset smoke changes: steps=100" in text
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
