@@ -219,6 +219,24 @@ def test_ctrl_c_still_writes_a_summary_of_the_steps_done(tmp_path, monkeypatch):
     assert (run_dir / "training.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_failing_run_still_writes_its_summary_naming_the_error(tmp_path, monkeypatch):
+    schedule = train.optim.apply_schedule
+
+    def fail_at_step_2(optimizers, step, *args, **kwargs):
+        if step == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        schedule(optimizers, step, *args, **kwargs)
+
+    monkeypatch.setattr(train.optim, "apply_schedule", fail_at_step_2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_train(tmp_path, "--steps", "6", "--val-every", "0")
+    run_dir = tmp_path / "run"
+    summary = (run_dir / "summary.md").read_text()
+    assert "2/6 steps, stopped by RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB after step 2" in summary
+    assert "more detail" not in summary
+    assert "stopped by RuntimeError" in (run_dir / "log.txt").read_text()
+
+
 def final_parameters(run_dir):
     checkpoints = sorted((run_dir / "checkpoints").glob("*.pt"))
     return torch.load(checkpoints[-1], weights_only=True)["model"]

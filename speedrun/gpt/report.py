@@ -34,8 +34,11 @@ def step_times(steps: list[dict], timing_warmup: int) -> dict[int, float]:
 
 
 def write_summary(run_dir: Path, *, preset: str, timing_warmup: int, device: str,
-                  peak_memory_gib: float | None = None, interrupted: bool = False) -> tuple[Path, Path]:
-    """Write run_dir/summary.md and run_dir/training.png (each atomically); return their paths."""
+                  peak_memory_gib: float | None = None, stopped_by: str | None = None) -> tuple[Path, Path]:
+    """Write run_dir/summary.md and run_dir/training.png (each atomically); return their paths.
+
+    stopped_by: None for a finished run, else what ended it early ("Ctrl-C", or an
+    exception's one-line description)."""
     records = read_metrics(run_dir / "metrics.jsonl")
     start = next(record for record in records if record["event"] == "start")
     cfg, env = start["config"], start["environment"]
@@ -47,7 +50,7 @@ def write_summary(run_dir: Path, *, preset: str, timing_warmup: int, device: str
     timed = last_step - timing_warmup
     mean_ms = steps[-1]["train_time_ms"] / timed if steps and timed > 0 else None
 
-    status = f"stopped by Ctrl-C after step {last_step}" if interrupted else "finished"
+    status = "finished" if stopped_by is None else f"stopped by {stopped_by} after step {last_step}"
     lines = [f"# GPT speedrun: {preset} preset, {last_step}/{cfg['steps']} steps, {status}", "",
              f"- command: `{env['command']}`",
              f"- device: {device}",

@@ -436,13 +436,20 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) ->
                 training_time_ms = approx_ms
                 save(step + 1)
                 t0 = time.perf_counter()
-    except KeyboardInterrupt:
-        # Ctrl-C: summarize what metrics.jsonl holds (rank 0 only reads a file: no
-        # collective to hang on), then stop as interrupted.
+    except BaseException as error:
+        # Ctrl-C or a failure (out of memory, NaN check, a lost rank): summarize what
+        # metrics.jsonl holds so far (rank 0 only reads a file: no collective to hang on),
+        # then let the exception go on.  A summary that cannot be written must not hide it.
         if ctx.is_main:
-            summary_path, _ = report.write_summary(run_dir, preset=preset, timing_warmup=timing_warmup,
-                                                   device=device, interrupted=True)
-            log.line(f"interrupted: {summary_path}")
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            cause = ("Ctrl-C" if isinstance(error, KeyboardInterrupt) else
+                     f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__)
+            try:
+                summary_path, _ = report.write_summary(run_dir, preset=preset, timing_warmup=timing_warmup,
+                                                       device=device, stopped_by=cause)
+                log.line(f"stopped by {cause}; summary: {summary_path}")
+            except Exception as summary_error:  # noqa: BLE001 -- reported, the original error still raises
+                log.line(f"stopped by {cause}; the summary could not be written: {summary_error}")
         raise
 
     summary = profiler.finish()
