@@ -83,7 +83,8 @@ def softcap_ce() -> Op:
     # CapParams p (ordinal 6): kind at +0, fixed_reference at +16; need_grad is ordinal 9.
     sigmoid_path = {(6, 0): 2, (6, 16): 1, (9, 0): 1}
     forward_args = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
-                    "grad_ptr": "*bf16", "n_cols": v, "logits_row_stride": v, "ignore_index": -100, "cap": 30.0,
+                    "grad_ptr": "*bf16", "n_rows": n, "n_cols": v, "logits_row_stride": v, "ignore_index": -100,
+                    "cap": 30.0,
                     "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5, "KIND": module.KIND_CODES["sigmoid"],
                     "FIXED_REFERENCE": module.fixed_reference(30.0, "sigmoid"), "NEED_GRAD": True, "BLOCK": block,
                     "ONE_READ": block >= v}
