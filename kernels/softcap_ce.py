@@ -8,7 +8,7 @@ The public op `softcap_cross_entropy` (contract below and in DESIGN.md §2.1; th
              and the logits are read from memory exactly once.
   triton     the kernels in this file: a row of <= 16384 columns is one block read once;
              a longer one gets an online max/sum-exp sweep, then a gradient sweep that
-             re-reads it (mostly from L2).
+             re-reads it from L2 (a persistent grid keeps the rows in flight inside L2).
   reference  plain PyTorch.
 
 How the fast path works.  The training step wants d(loss)/d(logits) anyway, so the
@@ -70,17 +70,16 @@ def _capped_derivative(s, inv_cap, inv_scale, KIND: tl.constexpr):
 
 
 @triton.jit
-def _softcap_ce_forward_kernel(
-    logits_ptr, targets_ptr, grad_scale_ptr, loss_ptr, grad_ptr,
+def _softcap_ce_row(
+    row, logits_ptr, targets_ptr, grad_scale_ptr, loss_ptr, grad_ptr,
     n_cols, logits_row_stride, ignore_index, cap, inv_cap, inv_scale,
     KIND: tl.constexpr, FIXED_REFERENCE: tl.constexpr, NEED_GRAD: tl.constexpr,
     BLOCK: tl.constexpr, ONE_READ: tl.constexpr,
 ):
-    """One program per row: loss[row] and, if NEED_GRAD, grad[row, :].
+    """loss[row] and, if NEED_GRAD, grad[row, :].
 
     ONE_READ (BLOCK >= n_cols): the whole row is one block held in registers, so the
     gradient is computed from the values of the first sweep and the row is read once."""
-    row = tl.program_id(0).to(tl.int64)  # rows * V exceeds 2**31 at the speedrun's shapes
     row_logits = logits_ptr + row * logits_row_stride
     offsets = tl.arange(0, BLOCK)
 
@@ -152,6 +151,28 @@ def _softcap_ce_forward_kernel(
                 tl.store(row_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
+
+
+@triton.jit
+def _softcap_ce_forward_kernel(
+    logits_ptr, targets_ptr, grad_scale_ptr, loss_ptr, grad_ptr,
+    n_rows, n_cols, logits_row_stride, ignore_index, cap, inv_cap, inv_scale,
+    KIND: tl.constexpr, FIXED_REFERENCE: tl.constexpr, NEED_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, ONE_READ: tl.constexpr,
+):
+    """Program p handles rows p, p + P, p + 2P, ... of n_rows, where P is the grid size.
+
+    The launcher gives ONE_READ rows one program each (P = n_rows) and long rows a
+    persistent grid small enough that the rows in flight stay in L2 between the two
+    sweeps (see _programs)."""
+    # rows * V exceeds 2**31 at the speedrun's shapes: an int64 start and step make the row
+    # index, and so every address, int64.
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0).to(tl.int64)):
+        _softcap_ce_row(row, logits_ptr, targets_ptr, grad_scale_ptr, loss_ptr, grad_ptr,
+                        n_cols, logits_row_stride, ignore_index, cap, inv_cap, inv_scale,
+                        KIND, FIXED_REFERENCE, NEED_GRAD, BLOCK, ONE_READ)
+
+
 @triton.jit
 def _scale_rows_kernel(grad_ptr, factor_ptr, n_cols, factor_stride, BLOCK: tl.constexpr):
     """grad[row, :] *= factor[row * factor_stride]; a factor of exactly 1 skips the row."""
@@ -178,6 +199,28 @@ def _block_and_warps(n_cols: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 256))
 
 
+# Long rows are swept twice, and the second sweep should find the row in L2.  With one
+# program per row every resident program (up to 4 x 16-warp programs per SM) has a row in
+# flight at a different point of its sweeps: at the speedrun's V = 50304 bf16 a row is
+# 100.6 KB, and 132 SMs x 4 = 528 rows = 53 MB > the H100's 50 MB L2, so the re-read goes
+# to DRAM.  A persistent grid of SMs x PROGRAMS_PER_SM programs, each looping over rows,
+# caps the rows in flight at 132 x 2 = 264 rows = 26.5 MB, half the L2, leaving room for
+# the gradient being written and other traffic.
+PROGRAMS_PER_SM = 2
+# The interpreter has no SMs; a small fixed grid still makes its programs loop over rows.
+INTERPRETER_PROGRAMS = 4
+
+
+def _programs(n_rows: int, one_read: bool, device: torch.device) -> int:
+    """Grid size of the forward kernel: one program per row when the row is read once."""
+    if one_read:
+        return n_rows
+    if device.type == "cuda":  # a cached property query: no host sync, fine under capture
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(n_rows, sms * PROGRAMS_PER_SM)
+    return min(n_rows, INTERPRETER_PROGRAMS)
+
+
 def _forward_triton(logits, targets, grad_scale, cap, kind, scale, ignore_index, need_grad):
     n, v = logits.shape
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
@@ -185,9 +228,9 @@ def _forward_triton(logits, targets, grad_scale, cap, kind, scale, ignore_index,
     if n == 0:
         return loss, grad
     block, warps = _block_and_warps(v)
-    _softcap_ce_forward_kernel[(n,)](
+    _softcap_ce_forward_kernel[(_programs(n, block >= v, logits.device),)](
         logits, targets, grad_scale, loss, grad if need_grad else loss,
-        v, logits.stride(0), ignore_index, cap, 1.0 / cap, 1.0 / scale,
+        n, v, logits.stride(0), ignore_index, cap, 1.0 / cap, 1.0 / scale,
         KIND=KIND_CODES[kind], FIXED_REFERENCE=fixed_reference(cap, kind), NEED_GRAD=need_grad,
         BLOCK=block, ONE_READ=block >= v, num_warps=warps,
     )

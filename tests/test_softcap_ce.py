@@ -109,20 +109,42 @@ def test_triton_large_logits_without_cap(interpreter_device):
     assert_matches_reference("triton", logits, targets, kind=None)
 
 
-def test_triton_kernel_writes_every_gradient_element(interpreter_device):
-    # Called directly so the output can be poisoned with NaN before the launch.
-    n, v = 13, 4100  # two chunks of 4096, the second almost empty
+@pytest.mark.parametrize("n,v,programs", [(13, 4100, 13), (7, 4100, 3)])
+def test_triton_kernel_writes_every_gradient_element(n, v, programs, interpreter_device):
+    # Called directly so the output can be poisoned with NaN before the launch.  v = 4100:
+    # two chunks of 4096, the second almost empty; programs < n makes each program loop
+    # over rows (p, p + P, ...), 7 = 2 x 3 + 1 leaving one program a row more than others.
     logits, targets = make_inputs(n, v, torch.float16, interpreter_device, n_ignored=3)
     loss = torch.full((n,), float("nan"), device=interpreter_device)
     grad = torch.full((n, v), float("nan"), dtype=torch.float16, device=interpreter_device)
     grad_scale = torch.ones(1, device=interpreter_device)
     block, warps = softcap_ce._block_and_warps(v)
-    softcap_ce._softcap_ce_forward_kernel[(n,)](
-        logits, targets, grad_scale, loss, grad, v, logits.stride(0), -100, 30.0, 1 / 30.0, 1 / 7.5,
+    softcap_ce._softcap_ce_forward_kernel[(programs,)](
+        logits, targets, grad_scale, loss, grad, n, v, logits.stride(0), -100, 30.0, 1 / 30.0, 1 / 7.5,
         KIND=2, FIXED_REFERENCE=True, NEED_GRAD=True, BLOCK=block, ONE_READ=block >= v, num_warps=warps)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     ignored = targets == -100
     assert (grad[ignored] == 0).all() and (loss[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_long_rows_on_a_persistent_grid_match_reference(kind, interpreter_device):
+    # Rows longer than ONE_READ_MAX_COLS take the two-sweep path on a persistent grid of
+    # INTERPRETER_PROGRAMS programs: n = 2 x 4 + 1 rows, so programs loop and one loops
+    # once more; v = 16384 + 19 ends in a 19-column chunk.  Gradient poisoned-buffer
+    # coverage of that loop is test_triton_kernel_writes_every_gradient_element.
+    n, v = 2 * softcap_ce.INTERPRETER_PROGRAMS + 1, softcap_ce.ONE_READ_MAX_COLS + 19
+    assert softcap_ce._programs(n, False, torch.device(interpreter_device)) == softcap_ce.INTERPRETER_PROGRAMS < n
+    logits, targets = make_inputs(n, v, torch.float16, interpreter_device, n_ignored=2)
+    assert_matches_reference("triton", logits, targets, kind=kind)
+
+
+def test_programs_per_launch():
+    # ONE_READ rows: one program each; long rows: the persistent grid, never more than n.
+    cpu = torch.device("cpu")
+    assert softcap_ce._programs(100, True, cpu) == 100
+    assert softcap_ce._programs(100, False, cpu) == softcap_ce.INTERPRETER_PROGRAMS
+    assert softcap_ce._programs(2, False, cpu) == 2
 
 
 def test_triton_strided_rows(interpreter_device):
@@ -280,7 +302,7 @@ def _hopper_specs():
         for kind, fixed in ((2, True), (1, False), (0, False)):
             specs.append({"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel", "signature": {
                 "logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
-                "grad_ptr": f"*{dtype}", "n_cols": "i32", "logits_row_stride": "i64", "ignore_index": "i32",
+                "grad_ptr": f"*{dtype}", "n_rows": "i32", "n_cols": "i32", "logits_row_stride": "i64", "ignore_index": "i32",
                 "cap": "fp32", "inv_cap": "fp32", "inv_scale": "fp32"},
                 "constexprs": {"KIND": kind, "FIXED_REFERENCE": fixed, "NEED_GRAD": True, "BLOCK": block,
                                "ONE_READ": False},
@@ -537,7 +559,7 @@ def test_triton_one_read_rows_compile_for_sm90_with_one_load_per_element():
     assert block == v
     spec = {"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel", "signature": {
         "logits_ptr": "*bf16", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
-        "grad_ptr": "*bf16", "n_cols": "i32", "logits_row_stride": "i64", "ignore_index": "i32",
+        "grad_ptr": "*bf16", "n_rows": "i32", "n_cols": "i32", "logits_row_stride": "i64", "ignore_index": "i32",
         "cap": "fp32", "inv_cap": "fp32", "inv_scale": "fp32"},
         "constexprs": {"KIND": 2, "FIXED_REFERENCE": True, "NEED_GRAD": True, "BLOCK": block, "ONE_READ": True},
         "num_warps": warps, "divisible_by_16": ["logits_ptr", "grad_ptr", "n_cols", "logits_row_stride"]}

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import triton
 
+from bench.static import hopper
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = 48 * 1024  # tokens per GPU per step (DESIGN.md §5)
 V, D, H, HEADS, HEAD_DIM = 50304, 768, 3072, 6, 128
@@ -82,33 +84,55 @@ def softcap_ce() -> Op:
     loads = -(-packs // threads)
     # CapParams p (ordinal 6): kind at +0, fixed_reference at +16; need_grad is ordinal 9.
     sigmoid_path = {(6, 0): 2, (6, 16): 1, (9, 0): 1}
-    forward_args = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
-                    "grad_ptr": "*bf16", "n_cols": v, "logits_row_stride": v, "ignore_index": -100, "cap": 30.0,
-                    "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5, "KIND": module.KIND_CODES["sigmoid"],
-                    "FIXED_REFERENCE": module.fixed_reference(30.0, "sigmoid"), "NEED_GRAD": True, "BLOCK": block,
-                    "ONE_READ": block >= v}
-    per_thread = block // (32 * warps)
+    # What launch_staged gives the staged kernel at this shape: the row (v bf16) as dynamic
+    # shared memory, and a persistent grid of 2 CTAs per SM (__launch_bounds__(..., 2)).
+    staged_ctas = min(n, 2 * hopper.SMS)
+
+    def triton_forward(cols: int, name: str, role: str) -> Kernel:
+        """The Triton forward at n rows of `cols` columns, as _forward_triton launches it."""
+        blk, nw = module._block_and_warps(cols)
+        one_read = blk >= cols
+        programs = n if one_read else min(n, hopper.SMS * module.PROGRAMS_PER_SM)
+        args = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
+                "grad_ptr": "*bf16", "n_rows": n, "n_cols": cols, "logits_row_stride": cols, "ignore_index": -100,
+                "cap": 30.0, "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5, "KIND": module.KIND_CODES["sigmoid"],
+                "FIXED_REFERENCE": module.fixed_reference(30.0, "sigmoid"), "NEED_GRAD": True, "BLOCK": blk,
+                "ONE_READ": one_read}
+        # Innermost loops: the two sweeps (blk / threads elements each per iteration), or for
+        # ONE_READ the row loop itself, whose one iteration is the whole row.
+        return Kernel(name, role, "triton", ctas=programs,
+                      spec={"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel", "args": args,
+                            "num_warps": nw},
+                      per_element=("loops", blk // (32 * nw)), elements=n * cols, runs_in_speedrun=False)
+
     return Op("softcap_ce", f"N={n}, V={v}, bf16 logits, sigmoid cap 30 / 7.5, mean",
               bytes=_bench("softcap_ce").bytes_moved(n, v, "fwd+bwd"), flops=0, flop_kind=None, kernels=[
-        Kernel(f"cuda softcap_ce_cached<bf16,{loads}>", "forward+gradient, row cached in registers (one read)",
-               "cuda", threads=threads, ctas=n, source="softcap_ce.cu",
+        Kernel("cuda softcap_ce_staged<bf16,sigmoid>",
+               "forward+gradient (v2), row staged in shared memory by bulk copy (one read), persistent grid",
+               "cuda", threads=constants["kStagedThreads"], ctas=staged_ctas, source="softcap_ce.cu",
+               symbol="softcap_ce_staged_kernelIN3c108BFloat16ELi2E", dynamic_smem=2 * v,
+               per_element=("shared_loops", constants["kPackElems"]), elements=n * v),
+        Kernel(f"cuda softcap_ce_cached<bf16,{loads}>",
+               "forward+gradient (v1), row cached in registers (one read): the fallback for uncapped kinds "
+               "or caps above the fixed-reference rule", "cuda", threads=threads, ctas=n, source="softcap_ce.cu",
                symbol=f"softcap_ce_cached_kernelIN3c108BFloat16ELi{loads}E",
-               per_element=("path", loads * 8, sigmoid_path), elements=n * v),
+               per_element=("path", loads * 8, sigmoid_path), elements=n * v, runs_in_speedrun=False),
         Kernel("cuda softcap_ce_streaming<bf16>", "fallback for misaligned rows / V > 65536: two sweeps",
                "cuda", threads=threads, ctas=n, source="softcap_ce.cu",
                symbol="softcap_ce_streaming_kernelIN3c108BFloat16E", runs_in_speedrun=False),
         Kernel("cuda scale_rows<bf16>", "backward: scales the kept gradient (skipped when the factor is 1)",
                "cuda", threads=256, ctas=n, source="softcap_ce.cu", symbol="scale_rows_kernelIN3c108BFloat16E"),
-        Kernel("triton _softcap_ce_forward_kernel", "Triton backend: online sum-exp sweep, then gradient sweep",
-               "triton", ctas=n, spec={"module": "kernels.softcap_ce", "kernel": "_softcap_ce_forward_kernel",
-                                       "args": forward_args, "num_warps": warps},
-               per_element=("loops", per_thread), elements=n * v, runs_in_speedrun=False),
+        triton_forward(v, "triton _softcap_ce_forward_kernel (long rows)",
+                       f"Triton backend at V={v}: online sum-exp sweep, then gradient sweep from L2, persistent grid"),
+        triton_forward(module.ONE_READ_MAX_COLS, "triton _softcap_ce_forward_kernel (ONE_READ)",
+                       f"Triton backend at V={module.ONE_READ_MAX_COLS} (the longest row read once): "
+                       "one block per row, one program per row"),
         Kernel("triton _scale_rows_kernel", "Triton backend: backward scaling", "triton", ctas=n,
                spec={"module": "kernels.softcap_ce", "kernel": "_scale_rows_kernel", "num_warps": warps,
                      "args": {"grad_ptr": "*bf16", "factor_ptr": "*fp32", "n_cols": v, "factor_stride": 0,
                               "BLOCK": block}}, runs_in_speedrun=False),
-    ], notes=[f"the CUDA cached kernel takes V = {v} as {loads} packs of 8 bf16 per thread "
-              f"({packs} packs over {threads} threads)"])
+    ], notes=[f"the CUDA staged kernel keeps the row ({2 * v} B) in shared memory, 2 CTAs per SM; the v1 cached "
+              f"kernel would take V = {v} as {loads} packs of 8 bf16 per thread ({packs} packs over {threads} threads)"])
 
 
 # ---- fp8_head ------------------------------------------------------------------------------

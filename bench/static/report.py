@@ -62,6 +62,20 @@ def kernel_record(kernel: Kernel, cubin: Path, compiled: dict | None) -> dict:
             ipe, mpe = counted["instructions"] / per_thread, counted["mufu"] / per_thread
             how = (f"whole kernel on the path for params {{(ordinal, byte): value}} = "
                    f"{ {str(k): v for k, v in assumed.items()} }, / {per_thread} elements per thread")
+        elif method == "shared_loops":
+            # The hot loops (those with MUFU ops) of a kernel that reads its row from shared
+            # memory: each 16-byte shared load is `pack` elements, so a loop's elements per
+            # iteration are counted from its own LDS.128s whatever its unrolling.
+            pack = kernel.per_element[1]
+            spans = [s for s in sass.innermost(sass.loops(instrs)) if sass.census(sass.within(instrs, s))["mufu"]]
+            bodies = [sass.within(instrs, span) for span in spans]
+            elements = [pack * sum(1 for i in body if i.op == "LDS.128") for body in bodies]
+            if not spans or 0 in elements:
+                raise RuntimeError(f"{kernel.name}: hot loops {spans} without 16-byte shared loads")
+            ipe = sum(sass.census(b)["instructions"] / e for b, e in zip(bodies, elements))
+            mpe = sum(sass.census(b)["mufu"] / e for b, e in zip(bodies, elements))
+            how = (f"sum over {len(spans)} innermost loops with MUFU ops of instructions / elements per iteration "
+                   f"({[len(b) for b in bodies]} instructions, {elements} elements: {pack} per LDS.128)")
         else:
             per_iteration = kernel.per_element[1]
             spans = sass.innermost(sass.loops(instrs))

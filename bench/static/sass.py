@@ -3,7 +3,9 @@
 Everything here is static: it reads what cuobjdump prints for a cubin (the cuobjdump in
 Triton's wheel, triton/backends/nvidia/bin) and never runs the code.
 
-Per-element costs come from one of two readings, chosen per kernel by bench.static.families:
+Per-element costs come from one of three readings, chosen per kernel by bench.static.families
+(the third, "shared_loops", is in bench.static.report: the innermost loops with MUFU ops of a
+kernel that reads its row from shared memory, each divided by 8 elements per LDS.128 in it):
 - "loops": the innermost loops (a backward branch and the code it jumps back over), each
   divided by the elements one thread handles per iteration: the steady state of a
   chunked sweep.
