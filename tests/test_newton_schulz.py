@@ -537,6 +537,28 @@ def test_bench_run_set_checks_times_and_records(tmp_path, monkeypatch, small_til
     assert by_impl["ours-triton"].ms == 1.0
 
 
+def test_bench_polar_express_variant_is_checked_against_its_own_schedule(tmp_path, monkeypatch):
+    from bench import bench_newton_schulz as bench
+    from bench import harness
+
+    # Tiny stand-ins (one tile, to keep the interpreter fast): a 5-step "gpt" set, where
+    # Polar Express runs, and a 3-step "cifar" set, where it is refused.
+    monkeypatch.setitem(bench.SETS, "gpt", {"groups": lambda: [(2, 20, 36)], "steps": 5,
+                                            "input_dtype": torch.float32})
+    monkeypatch.setitem(bench.SETS, "cifar", {"groups": lambda: [(1, 20, 36)], "steps": 3,
+                                              "input_dtype": torch.float16})
+    monkeypatch.setattr(bench, "count_launches", lambda fn: 16)
+    metadata = harness.collect_metadata("Fake GPU", harness.QUICK_TIMING)
+    run = harness.BenchRun(bench.OP, title="t", out_root=tmp_path, metadata=metadata, ceilings={})
+    for set_name in ("gpt", "cifar"):
+        bench.run_set(run, set_name, ["ours-triton-polar"], timer=lambda fn: 1.0, device="cpu")
+    gpt, cifar = run.entries
+    # Checked against the float64 Polar Express iteration: against NS5's it would be off by
+    # far more than the tolerance (test_triton_polar_express_matches_float64_iteration).
+    assert gpt.error is None and gpt.checks["ok"] and gpt.extra["coefficients"] == "polar_express", gpt
+    assert cifar.ms is None and "polar_express is a 5-step schedule; the cifar set runs 3 steps" in cifar.error
+
+
 def test_bench_without_gpu_exits_0():
     from bench import harness
 
