@@ -14,6 +14,7 @@ room, and a kernel that rounded in the wrong place (a missing fp32 accumulation,
 intermediate, a wrong coefficient) lands at 1e-1 or worse.
 """
 import importlib
+import math
 import os
 import re
 import subprocess
@@ -127,8 +128,8 @@ def spread_spectrum(*shape, low, seed=0):
     k = min(m, n)
     U = torch.linalg.qr(torch.randn(b, m, m, generator=gen, dtype=torch.float64))[0][..., :k]
     V = torch.linalg.qr(torch.randn(b, n, n, generator=gen, dtype=torch.float64))[0][..., :k]
-    return U @ torch.diag_embed(torch.logspace(0, torch.log10(torch.tensor(low)).item(), k,
-                                               dtype=torch.float64)).expand(b, k, k) @ V.mT
+    sigma = torch.logspace(0, math.log10(low), k, dtype=torch.float64)
+    return U @ torch.diag_embed(sigma).expand(b, k, k) @ V.mT
 
 
 def spectrum_after(G, name, k):
