@@ -1,5 +1,6 @@
 """Newton-Schulz (Muon's orthogonalization) on one optimizer step's full set of matrices:
-ours (Triton) against the record's NS in torch eager and torch.compile, batched by shape.
+ours (Triton) against the record's NS in torch eager and torch.compile, batched by shape,
+and ours with the Polar Express schedule (ours-triton-polar, GPT set only: a 5-step schedule).
 
 Sets (each stacked by shape group, one call per group, exactly as speedrun.optim.Muon does):
   gpt    the 2025-01 GPT's Muon matrices: per layer the qkv weight [3, 768, 768], the
@@ -33,7 +34,10 @@ from speedrun.gpt import baseline
 
 OP = "newton_schulz"
 NS5 = (3.4445, -4.7750, 2.0315)
-IMPLEMENTATIONS = ("ours-triton", "torch-eager", "torch-compile", "record-loop")
+IMPLEMENTATIONS = ("ours-triton", "ours-triton-polar", "torch-eager", "torch-compile", "record-loop")
+# Each implementation's Newton-Schulz coefficients (kernels.newton_schulz's `coefficients`),
+# also the float64 oracle it is checked against; the others run the records' NS5 triple.
+SCHEDULES = {"ours-triton-polar": "polar_express"}
 SEED = 0
 
 D, H, LAYERS, NO_ATTENTION = 768, 3072, 12, (7,)
@@ -89,7 +93,7 @@ def flops(groups, steps: int, *, symmetric: bool) -> int:
 torch_newton_schulz = baseline.newton_schulz5
 
 
-def _ours() -> Callable | str:
+def _ours(coefficients=NS5) -> Callable | str:
     try:
         kernels = importlib.import_module("kernels")
     except Exception as exc:  # the package is broken: the others still run
@@ -99,7 +103,7 @@ def _ours() -> Callable | str:
 
     def run(G, steps):
         with kernels.use_backend("triton"):
-            return kernels.newton_schulz(G, steps=steps, coefficients=NS5, dtype=torch.bfloat16)
+            return kernels.newton_schulz(G, steps=steps, coefficients=coefficients, dtype=torch.bfloat16)
 
     return run
 
@@ -117,6 +121,10 @@ def set_functions(impls, set_name: str) -> dict[str, Callable | str]:
 
     builders = {
         "ours-triton": lambda: batched(_ours()),
+        # Same kernels and work, other coefficients: only the GPT set has Polar Express's 5 steps.
+        "ours-triton-polar": lambda: (batched(_ours("polar_express")) if SETS[set_name]["steps"] == 5
+                                      else f"polar_express is a 5-step schedule; the {set_name} set runs "
+                                           f"{SETS[set_name]['steps']} steps"),
         "torch-eager": lambda: batched(torch_newton_schulz),
         # Static shapes: one graph per shape group, as a training run would have.
         "torch-compile": lambda: batched(torch.compile(torch_newton_schulz, dynamic=False)),
@@ -161,7 +169,7 @@ def run_set(run: harness.BenchRun, set_name: str, impls, timer: Callable[[Callab
     groups, steps = spec["groups"](), spec["steps"]
     generator = torch.Generator(device=device).manual_seed(SEED)
     stacks = [torch.randn(shape, device=device, generator=generator).to(spec["input_dtype"]) for shape in groups]
-    expected = [newton_schulz_float64(G, steps) for G in stacks]
+    oracles = {}  # coefficients -> the float64 iteration's outputs, computed once per schedule
     dense, symmetric = flops(groups, steps, symmetric=False), flops(groups, steps, symmetric=True)
     case = f"{set_name}: {len(matrices_of(groups))} matrices, NS{steps}"
     params = {"set": set_name, "groups": [list(g) for g in groups], "steps": steps,
@@ -178,8 +186,11 @@ def run_set(run: harness.BenchRun, set_name: str, impls, timer: Callable[[Callab
         def step(fn=fn):
             return fn(stacks, steps)
 
+        coefficients = SCHEDULES.get(impl, NS5)
+        if coefficients not in oracles:
+            oracles[coefficients] = [newton_schulz_float64(G, steps, coefficients) for G in stacks]
         try:
-            error = relative_error(step(), expected)  # for torch.compile: the compilation too
+            error = relative_error(step(), oracles[coefficients])  # for torch.compile: the compilation too
             checks = {"rel_err_vs_float64": error, "ok": error <= tolerance(steps)}
             extra = {"launches": count_launches(step)}
             ms = timer(step)
@@ -188,7 +199,9 @@ def run_set(run: harness.BenchRun, set_name: str, impls, timer: Callable[[Callab
             continue
         finally:
             harness.free_cuda_memory()
-        if impl == "ours-triton":
+        if impl in SCHEDULES:
+            extra["coefficients"] = SCHEDULES[impl]
+        if impl.startswith("ours-triton"):
             extra["tflops_symmetric_work"] = round(harness.tflop_per_s(symmetric, ms), 1)
         results[impl] = harness.measured(case, impl, ms, ceilings=run.ceilings, checks=checks,
                                          extra=extra, **common)
@@ -198,16 +211,17 @@ def run_set(run: harness.BenchRun, set_name: str, impls, timer: Callable[[Callab
         if entry.ms is not None and baseline is not None and baseline.ms is not None:
             entry.extra["speedup_vs_torch_compile"] = round(baseline.ms / entry.ms, 3)
         run.add(entry)
-    del functions, stacks, expected
+    del functions, stacks, oracles
     torch._dynamo.reset()
     harness.free_cuda_memory()
 
 
-def newton_schulz_float64(G: torch.Tensor, steps: int) -> torch.Tensor:
+def newton_schulz_float64(G: torch.Tensor, steps: int, coefficients=NS5) -> torch.Tensor:
     """The same iteration in float64 (the oracle): dtype(G) first, as every implementation."""
     from kernels import reference
 
-    return reference.newton_schulz(G.bfloat16().double(), steps=steps, coefficients=NS5, dtype=torch.float64)
+    return reference.newton_schulz(G.bfloat16().double(), steps=steps, coefficients=coefficients,
+                                   dtype=torch.float64)
 
 
 # ---- command line --------------------------------------------------------------------
@@ -218,7 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Newton-Schulz on one Muon step's matrices (GPT: NS5 on the 12-layer model's "
                     "768x768 and 768x3072 stacks; CIFAR: 3 steps on the six conv filters): ours "
                     "(Triton) against the record's NS in torch eager and torch.compile batched by "
-                    "shape (and the CIFAR record's per-parameter loop). Each is checked against the "
+                    "shape (and the CIFAR record's per-parameter loop), and ours with the Polar Express "
+                    "schedule (GPT set). Each is checked against the "
                     "float64 iteration, then timed (CUDA events, median, L2 flushed). Writes "
                     "<out>/<device>/newton_schulz.{json,md,png}.")
     parser.add_argument("--sets", nargs="+", choices=tuple(SETS), default=list(SETS),
@@ -245,6 +260,9 @@ NOTES = (
     "launches: CUDA kernels per call, counted once with torch.profiler.",
     "torch-compile: torch.compile(dynamic=False) of the record's NS, default mode, one graph per "
     "shape group. record-loop (CIFAR): the airbench record's per-parameter loop, eager.",
+    "ours-triton-polar: ours with coefficients='polar_express' (the current modded-nanogpt "
+    "record's per-step triples, safety factor folded into step 1): the same kernels and work as "
+    "ours-triton, checked against the float64 iteration with that schedule; GPT set only.",
 )
 
 

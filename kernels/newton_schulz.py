@@ -359,7 +359,10 @@ def _validate_triple(name, triple):
 
 
 def _validate_coefficients(coefficients, steps):
-    """One (a, b, c) triple, or a sequence of exactly `steps` triples."""
+    """One (a, b, c) triple, a sequence of exactly `steps` triples, or a schedule's name."""
+    if isinstance(coefficients, str):
+        reference.per_step_coefficients(coefficients, steps)  # raises on an unknown name or step count
+        return
     if not isinstance(coefficients, (tuple, list)):
         raise TypeError("coefficients must be an (a, b, c) triple or a sequence of `steps` triples, "
                         f"got {type(coefficients).__name__}")
@@ -385,7 +388,7 @@ _NEWTON_SCHULZ = {
 
 
 def newton_schulz(G: torch.Tensor, *, steps: int = 5,
-                  coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7,
+                  coefficients=reference.NS5_TRIPLE, eps: float = 1e-7,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately orthogonalize every matrix of G with Muon's quintic Newton-Schulz iteration.
 
@@ -393,8 +396,20 @@ def newton_schulz(G: torch.Tensor, *, steps: int = 5,
         G: [..., m, n] float32, float16, bfloat16 or float64, any strides, not empty.
             Leading dims are a batch: all matrices go through one batched computation.
         steps: number of iterations, >= 1 (Muon in the GPT record: 5; CIFAR record: 3).
-        coefficients: one (a, b, c) triple used at every step, or a sequence of `steps`
-            triples, one per step.
+        coefficients: one (a, b, c) triple used at every step, a sequence of `steps`
+            triples, one per step, or the name of a schedule in
+            `kernels.reference.NEWTON_SCHULZ_SCHEDULES`, whose length `steps` must equal
+            (ValueError otherwise; a schedule is never truncated or repeated, since its
+            triples are optimized for its step count):
+              "ns5"            the default triple at each of 5 steps (the 2025-01-26 record).
+              "polar_express"  the 5 per-step optimal quintics of Amsel, Persson, Musco,
+                               Gower, "The Polar Express: Optimal Matrix Sign Methods and
+                               Their Application to the Muon Algorithm" (2025,
+                               arXiv:2505.16932), as modded-nanogpt's train_gpt.py uses
+                               them (`polar_express_coeffs`), with its normalization
+                               X / (1.02 ||X||_F): the 1.02 safety factor is folded into
+                               step 1's triple (a/1.02, b/1.02^3, c/1.02^5), equal in exact
+                               arithmetic; eps stays this op's (the record adds 1e-6).
         eps: >= 0, added to the Frobenius norm before dividing.
         dtype: torch.bfloat16 or torch.float16, the dtype the iteration runs in.
 

@@ -120,19 +120,65 @@ def linear_softcap_cross_entropy(x, weight, targets, *, fp8=True, x_scale=2.0, w
 
 # ---- Newton-Schulz ----------------------------------------------------------------------
 
+NS5_TRIPLE = (3.4445, -4.7750, 2.0315)
+
+# Polar Express's safety factor: the record divides X by (1 + 2e-2) ||X||_F so that rounding
+# cannot push a singular value past 1, where the aggressive first polynomial blows up.
+POLAR_EXPRESS_SAFETY = 1.02
+# Amsel, Persson, Musco, Gower, "The Polar Express: Optimal Matrix Sign Methods and Their
+# Application to the Muon Algorithm" (2025, arXiv:2505.16932): the per-step optimal odd
+# quintics for 5 iterations (cushion 2, safety factor 2e-2), as KellerJordan/
+# modded-nanogpt train_gpt.py lists them in `polar_express_coeffs`.
+_POLAR_EXPRESS_TRIPLES = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def _fold_safety(triples, safety):
+    """The iteration on X / safety, expressed on X: step 1's a X + b X^3 + c X^5 of X / s
+    equals (a / s) X + (b / s^3) X^3 + (c / s^5) X^5, so the safety factor needs no extra
+    pass over X (the later steps see the same X as in the record)."""
+    (a, b, c), *rest = triples
+    return ((a / safety, b / safety ** 3, c / safety ** 5), *rest)
+
+
+# Named Newton-Schulz schedules, name -> one (a, b, c) per step; shared by kernels.reference,
+# the Triton path (kernels.newton_schulz) and the GPT trainer (--muon-coefficients).
+NEWTON_SCHULZ_SCHEDULES = {
+    # The 2025-01-26 record's NS5: one triple, 5 steps.
+    "ns5": (NS5_TRIPLE,) * 5,
+    # The current modded-nanogpt record's Polar Express, its safety factor folded into step 1.
+    "polar_express": _fold_safety(_POLAR_EXPRESS_TRIPLES, POLAR_EXPRESS_SAFETY),
+}
+
+
 def per_step_coefficients(coefficients, steps):
-    """`steps` (a, b, c) triples from one triple (used every step) or a per-step sequence."""
+    """`steps` (a, b, c) triples from one triple (used every step), a per-step sequence, or
+    the name of a schedule in NEWTON_SCHULZ_SCHEDULES (which must have `steps` triples)."""
+    if isinstance(coefficients, str):
+        schedule = NEWTON_SCHULZ_SCHEDULES.get(coefficients)
+        if schedule is None:
+            raise ValueError(f"coefficients={coefficients!r} is not a named schedule; "
+                             f"choose one of {sorted(NEWTON_SCHULZ_SCHEDULES)}")
+        if len(schedule) != steps:
+            raise ValueError(f"coefficients={coefficients!r} is a {len(schedule)}-step schedule but "
+                             f"steps={steps}; use steps={len(schedule)}")
+        return list(schedule)
     if all(isinstance(c, (int, float)) for c in coefficients):
         return [tuple(coefficients)] * steps
     return [tuple(triple) for triple in coefficients]
 
 
-def newton_schulz(G, *, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7,
-                  dtype=torch.bfloat16):
+def newton_schulz(G, *, steps=5, coefficients=NS5_TRIPLE, eps=1e-7, dtype=torch.bfloat16):
     """Muon's quintic Newton-Schulz iteration on every matrix of G [..., m, n], in `dtype`.
 
     X = G in dtype, transposed to wide (m <= n) if tall; X /= ||X||_F + eps per matrix;
     then per step with (a, b, c): A = X X^T, B = bA + cA^2, X = aX + BX; transposed back.
+    `coefficients`: one triple, one per step, or a name in NEWTON_SCHULZ_SCHEDULES.
     The leading dims are one batch of matmuls.  dtype may be float32/float64 here (the
     oracle); the public op allows bf16 and fp16.
     """

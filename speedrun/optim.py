@@ -60,8 +60,9 @@ class Muon(torch.optim.Optimizer):
         lr, momentum: per group (in `param_groups`, so schedules may set them); each group
             also records `initial_lr` for `apply_schedule`.
         nesterov: use the Nesterov update source instead of the momentum buffer itself.
-        ns_steps, coefficients: Newton-Schulz steps and (a, b, c) for the default
-            `orthogonalize`, `kernels.newton_schulz`.
+        ns_steps, coefficients: Newton-Schulz steps and (a, b, c), per-step triples or a
+            schedule name ("ns5", "polar_express") for the default `orthogonalize`,
+            `kernels.newton_schulz`.
         orthogonalize: callable(stack [k, *shape]) -> same shape, replacing
             `kernels.newton_schulz` (it then ignores ns_steps/coefficients).  Called once
             per shape group per step.

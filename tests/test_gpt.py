@@ -2,6 +2,7 @@
 agreeing with each other, smoke training, resume == uninterrupted, 2 processes == 1 with
 accumulation, data errors, profiler outputs, the CLI."""
 import json
+import math
 import os
 import re
 import socket
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import kernels
 from speedrun import ablation, distributed
 from speedrun.data import fineweb
 from speedrun.gpt import report, train
@@ -160,6 +162,26 @@ def test_the_log_is_short_readable_lines_with_the_train_loss_and_one_step_avg_pe
         assert len(avgs) == 2 and avgs[0] == avgs[1], log
     config = metrics(run_dir)[0]["config"]  # the JSON keeps every option, typed
     assert config["steps"] == 4 and config["data"] is None and config["profile"] is False
+
+
+def test_polar_express_schedule_reaches_muon_and_is_logged(tmp_path, monkeypatch):
+    seen = []
+    newton_schulz = kernels.newton_schulz
+
+    def recording(stack, **kwargs):
+        seen.append((kwargs["steps"], kwargs["coefficients"]))
+        return newton_schulz(stack, **kwargs)
+
+    monkeypatch.setattr(kernels, "newton_schulz", recording)
+    run_dir = run_train(tmp_path, "--steps", "2", "--val-every", "0", "--muon-coefficients", "polar_express")
+    assert seen and set(seen) == {(5, "polar_express")}
+    assert metrics(run_dir)[0]["config"]["muon_coefficients"] == "polar_express"
+    losses = [m["train_loss"] for m in metrics(run_dir) if "train_loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
+    # The torch baseline (the record's NS5) cannot run another schedule: refused, not ignored.
+    cfg, _ = train.parse_args(["--preset", "smoke", "--muon-coefficients", "polar_express", "--kernels", "off"])
+    with pytest.raises(ValueError, match="--muon-coefficients polar_express needs our Newton-Schulz"):
+        train.check_config(cfg, 1)
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

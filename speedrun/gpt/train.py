@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.reference import NEWTON_SCHULZ_SCHEDULES
 from kernels.sliding_window_attention import HEAD_DIMS
 from speedrun import ablation, checkpoint, distributed, optim, runlog
 from speedrun.cli import ArgumentParser, UsageError
@@ -65,6 +66,9 @@ class TrainConfig:
     muon_momentum: float = option(0.95, "Muon momentum after warm-up")
     muon_momentum_start: float = option(0.85, "Muon momentum at step 0")
     muon_momentum_warmup: int = option(300, "steps over which Muon momentum rises linearly")
+    muon_coefficients: str = option("ns5", "Muon's Newton-Schulz schedule (5 steps): ns5 (the 2025-01-26 "
+                                           "record's fixed triple) or polar_express (Amsel et al. 2025's "
+                                           "per-step triples, as modded-nanogpt's current record uses them)")
     head_lr: float = option(0.008, "Adam learning rate of the LM head")
     embed_lr: float = option(0.6, "Adam learning rate of the token and value embeddings")
     scalar_lr: float = option(0.04, "Adam learning rate of the scalars (lambdas, skip weights)")
@@ -130,7 +134,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
                                 help=f"{field.metadata['help']} (default: {field.default})")
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
-            choices = {"compile": ("auto", "on", "off"), "device": ("auto", "cuda", "cpu")}.get(field.name)
+            choices = {"compile": ("auto", "on", "off"), "device": ("auto", "cuda", "cpu"),
+                       "muon_coefficients": tuple(NEWTON_SCHULZ_SCHEDULES)}.get(field.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices,
                                 help=field.metadata["help"] + ("" if field.default is None else
                                                                f" (default: {field.default})"))
@@ -208,6 +213,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
         chosen = ablation.parse_kernels(cfg.kernels, FAMILIES)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    require(cfg.muon_coefficients == "ns5" or chosen["newton_schulz"] == "ours",
+            f"--muon-coefficients {cfg.muon_coefficients} needs our Newton-Schulz (newton_schulz=ours): the torch "
+            "baseline is the 2025-01-26 record's ns5")
     require(chosen["attention"] != "ours" or cfg.head_dim in HEAD_DIMS,
             f"--head-dim must be one of {HEAD_DIMS} for our attention kernel (or --kernels attention=flex), "
             f"got {cfg.head_dim}")
@@ -323,7 +331,8 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) ->
     model = GPT(model_config, {f: chosen[f] for f in MODEL_FAMILIES}).to(ctx.device)
     groups = model.parameter_groups()
     orthogonalize = baseline.record_newton_schulz if chosen["newton_schulz"] == "torch" else None
-    muon = optim.Muon(groups["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum, orthogonalize=orthogonalize)
+    muon = optim.Muon(groups["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                      coefficients=cfg.muon_coefficients, orthogonalize=orthogonalize)
     adam = optim.make_adam(optim.adam_groups(groups["head"], groups["embed"], groups["scalar"],
                                              head_lr=cfg.head_lr, embed_lr=cfg.embed_lr, scalar_lr=cfg.scalar_lr))
     optimizers = [adam, muon]
