@@ -151,8 +151,6 @@ def _softcap_ce_row(
                 tl.store(row_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-
-
 @triton.jit
 def _softcap_ce_forward_kernel(
     logits_ptr, targets_ptr, grad_scale_ptr, loss_ptr, grad_ptr,

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speedrun.checkpoint import sha256_of
 from speedrun.data import fineweb
 
 EOT = 50256  # GPT-2's <|endoftext|>: the record's document separator
@@ -140,11 +141,6 @@ def _split_shards(split: str, total: int, first_index: int, spec: SyntheticSpec)
     return [(f"fineweb_{split}_{first_index + i:06d}.bin", n) for i, n in enumerate(sizes)]
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def generate(spec: SyntheticSpec, out_dir: str | Path) -> Path:
     """Write the corpus into out_dir: fineweb_val_000000.bin.., fineweb_train_000001.bin..,
     and corpus.json, written last, whose "manifest" lists every shard's name, token count,
@@ -160,7 +156,7 @@ def generate(spec: SyntheticSpec, out_dir: str | Path) -> Path:
             rng = np.random.default_rng([spec.seed, split_id, shard_id])
             path = fineweb.write_shard(out_dir / name, sample_tokens(spec, count, rng))
             shards[name] = count
-            manifest.append({"name": name, "tokens": count, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            manifest.append({"name": name, "tokens": count, "bytes": path.stat().st_size, "sha256": sha256_of(path)})
     offsets, probs = noise_distribution(spec)
     description = {
         "what": "speedrun synthetic corpus: a Markov chain over K content tokens and EOT (speedrun/data/synthetic.py)",
@@ -221,7 +217,7 @@ def corpus_problems(folder: str | Path) -> list[str]:
         try:
             if (size := path.stat().st_size) != entry["bytes"]:
                 problems.append(f"{name} has {size} bytes, the manifest says {entry['bytes']}")
-            elif _sha256(path) != entry["sha256"]:
+            elif sha256_of(path) != entry["sha256"]:
                 problems.append(f"{name} does not match the manifest's sha256 (same size, different bytes)")
         # Caught around the reads too, not tested beforehand: ensure_corpus runs this check
         # before taking the lock, while another process may be replacing the folder.
