@@ -16,13 +16,21 @@ Backends:
   reference  plain PyTorch (kernels/reference.py), on CPU tensors under "auto".
 
 The fused head + loss (fp8=True) never writes a bf16 logits gradient: the forward runs
-the FP8 GEMM and the softcap CE loss kernel (no gradient) and keeps the bf16 logits and
-per-row losses; the backward recomputes the gradient tile by tile from them with the
-real upstream gradient and writes it straight as scaled e5m2, row-major and transposed
-(ce_grad_e5m2), which the two backward GEMMs read.  Gradient bytes written: 2 per
-logit (e5m2 + its transpose) instead of 2 (bf16) + 1 (cast) + 1 (transpose) and their
-re-reads on the record's path.  Tried and not kept yet: softcap + partial sum-exp in
-the GEMM epilogue (see bench/NOTES.md ## fp8_head).
+the FP8 GEMM and keeps the bf16 logits and per-row losses; the backward recomputes the
+gradient tile by tile from them with the real upstream gradient and writes it straight
+as scaled e5m2, row-major and transposed (ce_grad_e5m2), which the two backward GEMMs
+read.  Gradient bytes written: 2 per logit (e5m2 + its transpose) instead of 2 (bf16) +
+1 (cast) + 1 (transpose) and their re-reads on the record's path.
+
+Where the forward's loss comes from:
+  triton  the y GEMM's epilogue also writes, per row and tile of columns, the sum of
+          exp(s - cap) of the capped logits as stored (cap is a fixed softmax reference
+          for the capped kinds, so partial sums need no max); a small kernel turns those
+          partials and the target logits into the row losses.  y is read once in all,
+          by the backward's gradient pass, for any upstream gradient.
+  cuda    the softcap CE loss kernel reads y once more (the hand-written GEMM's
+          epilogue does not compute the partials yet: bench/NOTES.md ## fp8_head).
+  kind=None (no fixed reference) takes the loss-kernel path on both backends.
 """
 from __future__ import annotations
 
@@ -45,9 +53,17 @@ E5M2 = torch.float8_e5m2
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm, alpha,
+                     stats_ptr, stride_stats, cap, inv_cap, inv_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    """c[M, N] = alpha * a[M, :K] @ b[N, :K]^T; a, b fp8 with unit stride along K."""
+                     GROUP_M: tl.constexpr, KIND: tl.constexpr, ROW_STATS: tl.constexpr):
+    """c[M, N] = alpha * a[M, :K] @ b[N, :K]^T; a, b fp8 with unit stride along K.
+
+    ROW_STATS (the fused head's forward): also stats[m, pid_n] = sum over this tile's
+    columns of exp(s - cap), s the softcap (KIND) of c as stored.  The capped logits are
+    bounded by cap, so cap is a fixed softmax reference (softcap_ce.fixed_reference) and
+    the per-tile partial sums add up to the row's sum-exp with no max to merge: the loss
+    needs no pass over c.
+    """
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -67,9 +83,43 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_
         a = tl.load(a_rows + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(b_cols + k[:, None], mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc)
-    out = acc * alpha
+    out = (acc * alpha).to(c_ptr.dtype.element_ty)
+    if ROW_STATS:
+        # From the rounded value the backward will read, so the loss and its gradient
+        # describe the same logits.  Before the store: fewer registers live at once.
+        s = softcap_ce._capped(out.to(tl.float32), cap, inv_cap, inv_scale, KIND)
+        partial = tl.sum(tl.where(cols[None, :] < N, tl.exp(s - cap), 0.0), axis=1)
+        tl.store(stats_ptr + rows.to(tl.int64) * stride_stats + pid_n, partial, mask=rows < M)
     c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
-    tl.store(c, out.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    tl.store(c, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _loss_from_row_stats_kernel(stats_ptr, logits_ptr, targets_ptr, loss_ptr, n_rows, n_tiles, n_cols,
+                                stride_stats, stride_l, ignore_index, cap, inv_cap, inv_scale,
+                                KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+    """loss[row] = lse - s[target] with lse = cap + log(sum of the row's tile partials).
+
+    Reads N x tiles fp32 partials and one logit per row, not the [N, V] logits.  Targets
+    as softcap_cross_entropy: ignored -> 0; out of [0, V) -> NaN, never an address.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(0, n_tiles, BLOCK_T):
+        tiles = start + tl.arange(0, BLOCK_T)
+        part = tl.load(stats_ptr + rows64[:, None] * stride_stats + tiles[None, :],
+                       mask=row_ok[:, None] & (tiles[None, :] < n_tiles), other=0.0)
+        total += tl.sum(part, axis=1)
+    lse = cap + tl.log(tl.where(row_ok, total, 1.0))  # rows past the end: no log(0)
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    kept = target != ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    safe_target = tl.where(in_range & row_ok, target, 0)
+    z_target = tl.load(logits_ptr + rows64 * stride_l + safe_target, mask=row_ok, other=0.0).to(tl.float32)
+    s_target = tl.where(in_range, softcap_ce._capped(z_target, cap, inv_cap, inv_scale, KIND), float("nan"))
+    tl.store(loss_ptr + rows, tl.where(kept, lse - s_target, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -142,15 +192,37 @@ def _quantize_cuda(t, scale, e5m2, transpose):
     return torch.ops.speedrun_cuda.fp8_cast(t, scale, e5m2, transpose)
 
 
-def _gemm_triton(a, b, k, alpha, out_fp32):
+def _gemm_triton(a, b, k, alpha, out_fp32, softcap=None):
+    """c = alpha * a[:, :k] @ b[:, :k]^T; with softcap = (cap, kind, scale) (a fixed-reference
+    kind, bf16 out) also the [M, tiles] per-tile sum-exp partials of the capped c: (c, stats)."""
     m, n = a.shape[0], b.shape[0]
     c = torch.empty((m, n), device=a.device, dtype=torch.float32 if out_fp32 else torch.bfloat16)
     block_m, block_n, block_k = (128, 128, 128) if a.is_cuda else (32, 32, 32)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    tiles_n = triton.cdiv(n, block_n)
+    cap, kind, scale = softcap or (1.0, None, 1.0)
+    stats = torch.empty((m, tiles_n) if softcap else (1, 1), device=a.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, block_m) * tiles_n,)
+    # Without softcap the epilogue's statistics are compiled out; stats is a dummy argument.
     _fp8_gemm_kernel[grid](a, b, c, m, n, k, a.stride(0), b.stride(0), c.stride(0), alpha,
+                           stats, stats.stride(0), cap, 1.0 / cap, 1.0 / scale,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                           num_warps=8 if a.is_cuda else 4, num_stages=3 if a.is_cuda else 1)
-    return c
+                           KIND=softcap_ce.KIND_CODES[kind], ROW_STATS=softcap is not None,
+                           num_warps=8 if a.is_cuda else 4, num_stages=3 if a.is_cuda else 1,
+                           # The statistics' epilogue would take 133 registers (1 CTA/SM);
+                           # at 128 it has no spill and keeps 2 CTAs/SM, so one CTA's
+                           # exponentials overlap the other's wgmma (bench.static holds it).
+                           **({"maxnreg": 128} if softcap and a.is_cuda else {}))
+    return (c, stats) if softcap else c
+
+
+def _loss_from_row_stats(stats, logits, targets, cap, kind, scale, ignore_index):
+    n, v = logits.shape
+    row_loss = torch.empty((n,), device=logits.device, dtype=torch.float32)
+    block_r, block_t = (64, 64) if logits.is_cuda else (16, 16)
+    _loss_from_row_stats_kernel[(triton.cdiv(n, block_r),)](
+        stats, logits, targets, row_loss, n, stats.shape[1], v, stats.stride(0), logits.stride(0), ignore_index,
+        cap, 1.0 / cap, 1.0 / scale, KIND=softcap_ce.KIND_CODES[kind], BLOCK_R=block_r, BLOCK_T=block_t)
+    return row_loss
 
 
 def _gemm_cuda(a, b, k, alpha, out_fp32):
@@ -181,11 +253,13 @@ _GEMM = {"cuda": _gemm_cuda, "triton": _gemm_triton}
 _CE_GRAD = {"cuda": _ce_grad_cuda, "triton": _ce_grad_triton}
 
 
-def _head_forward(x, weight, x_scale, w_scale, need_grad, backend):
-    """(y bf16 [N, V], x8t, w8t): the transposed e4m3 copies only when a backward will follow."""
+def _head_forward(x, weight, x_scale, w_scale, need_grad, backend, softcap=None):
+    """(y bf16 [N, V], x8t, w8t): the transposed e4m3 copies only when a backward will follow.
+    With softcap (Triton only, see _gemm_triton) y is (y, per-tile sum-exp partials)."""
     x8, x8t = _QUANTIZE[backend](x, x_scale, False, need_grad)
     w8, w8t = _QUANTIZE[backend](weight, w_scale, False, need_grad)
-    y = _GEMM[backend](x8, w8, x.shape[1], 1.0 / (x_scale * w_scale), False)
+    alpha = 1.0 / (x_scale * w_scale)
+    y = _GEMM[backend](x8, w8, x.shape[1], alpha, False, *([softcap] if softcap else []))
     return y, x8t, w8t
 
 
@@ -266,12 +340,18 @@ def _fp8_head_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                      need_grad: bool, backend: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, row_loss [N] fp32, logits [N, V] bf16 or [0], x8t, w8t) -- the last three for backward."""
-    y, x8t, w8t = _head_forward(x, weight, x_scale, w_scale, need_grad, backend)
     kind_or_none = None if kind == "none" else kind
-    # The softcap CE kernels through their public op, without the gradient: one read of y.
-    with _backend.use_backend("auto" if backend == "cuda" else backend):
-        row_loss = softcap_ce.softcap_cross_entropy(y, targets, cap=cap, kind=kind_or_none, scale=scale,
-                                                    ignore_index=ignore_index, reduction="none")
+    if backend == "triton" and softcap_ce.fixed_reference(cap, kind_or_none):
+        # The loss from the GEMM epilogue's partial sums: y is never read in the forward.
+        (y, stats), x8t, w8t = _head_forward(x, weight, x_scale, w_scale, need_grad, backend,
+                                             softcap=(cap, kind_or_none, scale))
+        row_loss = _loss_from_row_stats(stats, y, targets, cap, kind_or_none, scale, ignore_index)
+    else:
+        y, x8t, w8t = _head_forward(x, weight, x_scale, w_scale, need_grad, backend)
+        # The softcap CE kernels through their public op, without the gradient: one read of y.
+        with _backend.use_backend("auto" if backend == "cuda" else backend):
+            row_loss = softcap_ce.softcap_cross_entropy(y, targets, cap=cap, kind=kind_or_none, scale=scale,
+                                                        ignore_index=ignore_index, reduction="none")
     loss = _reduce(row_loss, targets, ignore_index, reduction)
     return loss, row_loss, (y if need_grad else y.new_empty((0,))), x8t, w8t
 

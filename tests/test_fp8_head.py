@@ -36,7 +36,8 @@ def cpu_behaviour(backend):
         return "reference"
     if backend == "triton":
         return "triton" if _backend.interpreter_enabled() else "raises"
-    return "raises" if EXTENSION is not None else "reference"  # cuda: falls back when not built
+    # cuda: CPU tensors are refused, and an unbuilt extension is named: both raise.
+    return "raises"
 
 
 def head_inputs(n=37, k=72, v=101, w_dtype=torch.float32, seed=0):
@@ -306,6 +307,67 @@ def test_triton_ce_grad_e5m2_matches_torch(kind, per_row, interpreter_device):
     # may flip a rare e5m2 rounding (25 % on that element): 2 % in norm.
     assert rel_err(g8[keep], expected[keep]) < 2e-2
     assert (g8[keep] == expected[keep]).float().mean() > 0.98
+
+
+def softcapped(z, cap, kind, scale):
+    return cap * torch.tanh(z / cap) if kind == "tanh" else cap * torch.sigmoid(z / scale)
+
+
+@pytest.mark.parametrize("kind,cap", [("sigmoid", 30.0), ("tanh", 15.0)])
+@pytest.mark.parametrize("m,n,k,pad", [(37, 101, 72, 0), (65, 33, 100, 13)])
+def test_triton_gemm_row_stats_match_fp64(kind, cap, m, n, k, pad, interpreter_device):
+    a = random_fp8(m, k, E4M3, interpreter_device, 4, pad)
+    b = random_fp8(n, k, E4M3, interpreter_device, 5, pad)
+    y, stats = fp8_head._gemm_triton(a, b, k, 0.125, False, softcap=(cap, kind, 7.5))
+    block_n = 32  # the CPU tile width of _gemm_triton
+    assert stats.shape == (m, triton.cdiv(n, block_n)) and stats.dtype == torch.float32
+    # Partials of the logits as stored (bf16), per tile of columns, against fp64: exp and the
+    # 32-term fp32 sum are good to a few fp32 ulps (1e-6 seen); a capped term never
+    # underflows (exp(-2 cap) >= 1e-26 is a normal fp32).
+    e = torch.exp(softcapped(y.cpu().double(), cap, kind, 7.5) - cap)
+    expected = torch.stack([e[:, j:j + block_n].sum(1) for j in range(0, n, block_n)], dim=1)
+    assert rel_err(stats.cpu(), expected) < 1e-5
+    assert (stats.cpu() > 0).all()
+
+
+@pytest.mark.parametrize("kind,cap", [("sigmoid", 30.0), ("tanh", 15.0)])
+def test_loss_from_row_stats_matches_the_softcap_ce_reference(kind, cap, interpreter_device):
+    n, v, ignore_index = 41, 157, -100
+    a = random_fp8(n, 48, E4M3, interpreter_device, 6, 0)
+    b = random_fp8(v, 48, E4M3, interpreter_device, 7, 0)
+    y, stats = fp8_head._gemm_triton(a, b, 48, 0.25, False, softcap=(cap, kind, 7.5))
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(8))
+    targets[3], targets[7] = ignore_index, v  # ignored: 0; out of range: NaN, never an address
+    row_loss = fp8_head._loss_from_row_stats(stats, y, targets.to(interpreter_device), cap, kind, 7.5,
+                                             ignore_index).cpu()
+    expected = reference.softcap_cross_entropy(y.cpu().double(), targets, cap=cap, kind=kind, scale=7.5,
+                                               ignore_index=ignore_index, reduction="none")
+    assert row_loss[3] == 0 and row_loss[7].isnan()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[7] = False
+    # fp32 lse (sum of partials, log) against fp64 on the same bf16 logits: ulps of lse ~ 1e-6.
+    assert rel_err(row_loss[keep], expected[keep]) < 1e-5
+
+
+@pytest.mark.parametrize("kind,uses_the_loss_kernel", [("sigmoid", False), ("tanh", False), (None, True)])
+def test_triton_fused_head_takes_its_loss_from_the_gemm_epilogue(kind, uses_the_loss_kernel, monkeypatch,
+                                                                 interpreter_device):
+    """With a capped kind the forward never reads y (no softcap CE pass); kind=None has no
+    fixed reference and keeps the loss pass."""
+    calls = []
+    original = fp8_head.softcap_ce.softcap_cross_entropy
+    monkeypatch.setattr(fp8_head.softcap_ce, "softcap_cross_entropy",
+                        lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    x, weight, targets, _ = head_inputs(n=21, k=40, v=67)
+    x, weight = x.to(interpreter_device).requires_grad_(), weight.to(interpreter_device).requires_grad_()
+    with kernels.use_backend("triton"):
+        loss = kernels.linear_softcap_cross_entropy(x, weight, targets.to(interpreter_device), kind=kind, cap=30.0)
+        loss.backward()
+    assert bool(calls) == uses_the_loss_kernel
+    expected = reference.linear_softcap_cross_entropy(x.detach().cpu(), weight.detach().cpu(), targets, kind=kind,
+                                                      cap=30.0)
+    assert rel_err(loss.detach().cpu(), expected) < 1e-3  # bf16 logits, truncated in the interpreter
+    assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
 
 
 def test_fake_impls_give_the_real_shapes(interpreter_device):

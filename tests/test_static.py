@@ -147,3 +147,15 @@ def test_committed_records_are_current(op):
     fresh = json.loads(json.dumps(report.op_record(families.FAMILIES[op]())))
     assert fresh == json.loads((RESULTS / f"{op}.json").read_text()), \
         f"bench/results/static/{op}.json is stale: run `python -m bench.static --only {op}` and commit it"
+
+
+def test_fp8_head_row_stats_epilogue_keeps_two_ctas_per_sm_without_spills():
+    """The fused head's Triton y GEMM with the loss's partial sums in its epilogue
+    (kernels/fp8_head.py, maxnreg 128): at 2 CTAs/SM one CTA's exponentials can run under
+    the other's wgmma; at the 133 registers it would take unbounded, only one CTA fits."""
+    records = {(op, k["name"]): k for op, k in _kernels()}
+    plain = records[("fp8_head", "triton _fp8_gemm_kernel (y)")]
+    stats = records[("fp8_head", "triton _fp8_gemm_kernel (y + row stats)")]
+    assert stats["registers"] <= 128 and stats["spill_bytes"] == 0 and stats["local_accesses"] == 0
+    assert stats["ctas_per_sm"] == plain["ctas_per_sm"] == 2
+    assert stats["mma"] == plain["mma"]  # the mainloop is unchanged
