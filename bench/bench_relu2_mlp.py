@@ -24,6 +24,10 @@ Implementations:
 Before timing, each implementation is checked against torch eager (relative Frobenius
 error of y and of each gradient).  `python -m bench.bench_relu2_mlp --help` for options.
 
+`--dw` times the two weight-gradient products (dW2 = g^T h, dW1 = dpre^T x: K = M, a
+3072 x 768 output) on cuBLAS against an explicit split-K (DW_SPLITS): the check of
+cuBLAS's split-K choice for the products that stay on it.
+
 `--sweep` instead times the single products at the same shapes -- the fused forward GEMM
 (x W1^T with the relu^2 epilogue), the fused dpre GEMM and the plain y GEMM -- for each
 tile configuration in SWEEP_CONFIGS and both kernel variants, beside cuBLAS on the same
@@ -214,8 +218,8 @@ def run_shape(run: harness.BenchRun, *, m: int, d: int, h: int, modes, impls,
 # ---- config sweep (single products) -------------------------------------------------
 
 SWEEP_CONFIGS = (
-    {},                                                  # the default: 128x256x64, 8 warps, 3 stages
-    {"num_stages": 4},
+    {},                                                  # the default: 128x256x64, 8 warps, 4 stages (dpre 3)
+    {"num_stages": 3},                                   # the forward's previous default
     {"BLOCK_M": 256, "BLOCK_N": 128},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
@@ -283,6 +287,66 @@ def run_sweep(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[
     harness.free_cuda_memory()
 
 
+# ---- weight gradients: cuBLAS against explicit split-K -----------------------------------
+
+# dW1 = dpre^T x and dW2 = g^T h reduce over the M tokens into small outputs (3072 x 768:
+# 72 tiles of 128 x 256 for 132 SMs), so a GEMM that gives one output tile to one SM leaves
+# SMs idle unless it splits K.  cuBLAS picks its own split (not settable from torch); the
+# explicit split-K below cuts M into S chunks, multiplies them as one batch with fp32
+# partial sums and adds the S partials: if it beats torch.matmul, cuBLAS's choice is short.
+DW_SPLITS = (2, 4, 8, 16)
+
+
+def split_k_tn(a: torch.Tensor, b: torch.Tensor, splits: int) -> torch.Tensor:
+    """a^T b for a [M, P], b [M, Q] with M cut into `splits` chunks: fp32 partials, one sum."""
+    m = a.shape[0]
+    if m % splits:
+        raise ValueError(f"M = {m} is not a multiple of splits = {splits}")
+    a_chunks = a.view(splits, m // splits, a.shape[1]).transpose(1, 2)
+    b_chunks = b.view(splits, m // splits, b.shape[1])
+    if a.is_cuda:  # bf16 products accumulated and returned in fp32 by cuBLAS itself
+        partials = torch.bmm(a_chunks, b_chunks, out_dtype=torch.float32)
+    else:  # CPU (tests): no bf16 -> fp32 bmm there; the same sums in fp32
+        partials = torch.bmm(a_chunks.float(), b_chunks.float())
+    return partials.sum(0).to(a.dtype)
+
+
+def dw_products(x, w_fc, w_proj, upstream):
+    """name -> (a, b, P, Q): the two weight-gradient products a^T b of the backward."""
+    module = importlib.import_module("kernels.relu2_mlp")
+    h = module.gemm_nt(x, w_fc, module.EPI_RELU2)
+    dpre = module.gemm_nt(upstream, w_proj.T.contiguous(), module.EPI_RELU2_BWD, h)
+    return {"dW2 = g^T h": (upstream, h), "dW1 = dpre^T x": (dpre, x)}
+
+
+def run_dw(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[[Callable], float],
+           device, splits=DW_SPLITS) -> None:
+    """Time each weight-gradient product on cuBLAS (torch.matmul) and as explicit split-K."""
+    x, w_fc, w_proj, upstream = make_inputs(m, d, h, device)
+    for name, (a, b) in dw_products(x, w_fc, w_proj, upstream).items():
+        (pm, pp), pq = a.shape, b.shape[1]
+        case = f"{name} [{pp}, {pq}] K={pm}"
+        common = dict(ceiling=harness.BF16_MATMUL, flops=2 * pm * pp * pq,
+                      params={"product": name, "m": pp, "n": pq, "k": pm, "dtype": "bfloat16"})
+        expected = (a.T @ b).double()
+        trials = [("cuBLAS (torch.matmul)", lambda a=a, b=b: a.T @ b)]
+        trials += [(f"split-K {s} (bmm fp32 partials + sum)", lambda a=a, b=b, s=s: split_k_tn(a, b, s))
+                   for s in splits]
+        for label, step in trials:
+            try:
+                error = relative_error(step(), expected)
+                ms = timer(step)
+            except Exception as exc:  # a split that does not divide M, out of memory
+                run.add(harness.failed(case, label, harness.describe_error(exc), **common))
+                continue
+            finally:
+                harness.free_cuda_memory()
+            run.add(harness.measured(case, label, ms, ceilings=run.ceilings, **common,
+                                     checks={"rel_err": error, "ok": error <= TOL}))
+    del x, w_fc, w_proj, upstream
+    harness.free_cuda_memory()
+
+
 # ---- command line --------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -308,7 +372,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true",
                         help="time the single products per tile config (SWEEP_CONFIGS) and variant "
                              "against cuBLAS instead of the implementations; writes relu2_mlp_sweep.*")
+    parser.add_argument("--dw", action="store_true",
+                        help="time the two weight-gradient products (K = M) on cuBLAS against explicit "
+                             f"split-K with {DW_SPLITS} chunks instead; writes relu2_mlp_dw.*")
     args = parser.parse_args(argv)
+    if args.sweep and args.dw:
+        parser.error("--sweep and --dw are separate runs: give one")
     if any(m <= 0 for m in args.m) or args.d <= 0 or args.h <= 0:
         parser.error("--m, --d and --h must be positive")
     return args
@@ -327,6 +396,15 @@ def main(argv=None) -> int:
     if not harness.cuda_available_or_explain():
         return 0
     timing = harness.timing_for(args.quick)
+    if args.dw:
+        run = harness.start_run(f"{OP}_dw", title=f"ReLU^2 MLP weight gradients: cuBLAS vs split-K, bf16, "
+                                f"D={args.d}, H={args.h}", out_root=args.out, timing=timing,
+                                notes=(f"FLOPs counted: 2*M*D*H per product; split-K: {DW_SPLITS} chunks of M.",),
+                                extra_metadata={"tol": TOL})
+        for m in args.m:
+            run_dw(run, m=m, d=args.d, h=args.h, timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
+        run.finish()
+        return 0
     if args.sweep:
         run = harness.start_run(f"{OP}_sweep", title=f"ReLU^2 MLP products per tile config, bf16, D={args.d}, "
                                 f"H={args.h}", out_root=args.out, timing=timing, notes=NOTES[:1],

@@ -91,6 +91,29 @@ def _epilogue(acc, aux, out_dtype: tl.constexpr, EPILOGUE: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_tile_to_l2(ptr, stride_m, off_m, off_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Start the DRAM -> L2 read of ptr[off_m:+BLOCK_M, off_n:+BLOCK_N] and return at once.
+
+    One `prefetch.global.L2` per 128-byte line of the tile (128 x 256 bf16: 512 lines, 2
+    per thread at 8 warps).  Nothing waits on it and nothing is written, so it cannot
+    change a result; issued before the K loop, the epilogue's TMA load of the same tile
+    then hits L2 instead of paying DRAM latency after the last wgmma.  (The bulk form,
+    cp.async.bulk.prefetch, takes uniform operands: per-thread addresses compile to a
+    32-step loop per warp, hence the per-line form.)  Lines past M or N are skipped, so
+    no address outside the tensor is touched.
+    """
+    LINE: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)  # elements per line
+    tl.static_assert(BLOCK_N >= LINE, "the prefetch needs tile rows of at least one 128-byte line")
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = off_n + tl.arange(0, BLOCK_N // LINE) * LINE
+    go = ((rows < M)[:, None] & (cols < N)[None, :]).to(tl.int32)
+    addrs = ptr + rows.to(tl.int64)[:, None] * stride_m + cols[None, :]
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; mov.u32 $0, 0; }",
+        "=r,r,l", [go, addrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _gemm_nt_pointer_kernel(
     a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, stride_am, stride_bn, stride_cm, stride_auxm,
     EPILOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
@@ -136,10 +159,10 @@ def _gemm_nt_pointer_kernel(
 
 @triton.jit
 def _gemm_nt_tma_kernel(
-    a_desc, b_desc, c_desc, aux_desc, M, N, K,
+    a_desc, b_desc, c_desc, aux_desc, aux_ptr, stride_auxm, M, N, K,
     EPILOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PREFETCH_AUX: tl.constexpr,
 ):
     """The pointer kernel's contract through TMA descriptors.
 
@@ -147,6 +170,9 @@ def _gemm_nt_tma_kernel(
     The epilogue runs on two [BLOCK_M, BLOCK_N/2] halves: half the registers live at once
     for the aux tile and the converted output, and half the shared-memory staging buffer
     for the TMA store.  c_desc and aux_desc have block [BLOCK_M, BLOCK_N / 2].
+    PREFETCH_AUX (EPI_RELU2_BWD on a GPU): aux_ptr/stride_auxm address the aux tensor for
+    the L2 prefetch of each tile's aux tile before its K loop (inline PTX, which the
+    interpreter cannot run; a prefetch never changes a result).
     """
     HALF_N: tl.constexpr = BLOCK_N // 2
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -158,6 +184,8 @@ def _gemm_nt_tma_kernel(
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
+        if PREFETCH_AUX:  # the aux tile's DRAM read runs under this tile's K loop
+            _prefetch_tile_to_l2(aux_ptr, stride_auxm, off_m, off_n, M, N, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(0, k_tiles):
             a = a_desc.load([off_m, kt * BLOCK_K])
@@ -186,15 +214,20 @@ CONFIG_KEYS = tuple(_INTERPRETER_CONFIG)
 _config_override: dict = {}
 
 
-def kernel_config(dtype: torch.dtype, device: torch.device) -> dict:
+def kernel_config(dtype: torch.dtype, device: torch.device, epilogue: int = EPI_NONE) -> dict:
     """Tile shape and launch options (not measured yet: see bench/NOTES.md ## relu2_mlp).
 
     16-bit: 128 x 256 x 64 tiles, 8 warps (two consumer warpgroups, 128 fp32 accumulator
-    registers per thread), 3 stages of A/B tiles = 144 KiB of shared memory plus the
-    32 KiB epilogue buffer; the tile loop flattened into the K loop so the next tile's
-    loads overlap this tile's epilogue.  fp32 (exact, non-tf32 dots): 128 x 128 x 32.
-    WARP_SPECIALIZE (TMA variant only; Triton ignores it on a flattened loop) is the
-    alternative schedule `bench_relu2_mlp --sweep` compares.  `tile_config` overrides.
+    registers per thread); one stage of A/B tiles is (128 + 256) x 64 x 2 B = 48 KiB and
+    the epilogue's TMA staging buffer [128, 128] is 32 KiB.  The forward and plain
+    products take 4 stages: 4 x 48 + 32 = 224 KiB (229,408 B as compiled, + 1 KiB of
+    barriers), under the 227 KiB one CTA may have on sm_90; the dpre product stages its
+    aux half tile too (another 32 KiB), so 4 stages (256 KiB) do not fit and it keeps 3
+    (208 KiB).  The tile loop is flattened into the K loop so the next tile's loads
+    overlap this tile's epilogue.  fp32 (exact, non-tf32 dots, not a training dtype):
+    128 x 128 x 32, 3 stages.  WARP_SPECIALIZE (TMA variant only; Triton ignores it on a
+    flattened loop) is the alternative schedule `bench_relu2_mlp --sweep` compares.
+    `tile_config` overrides (for every epilogue alike).
     """
     if device.type != "cuda":
         config = dict(_INTERPRETER_CONFIG)
@@ -202,8 +235,8 @@ def kernel_config(dtype: torch.dtype, device: torch.device) -> dict:
         config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
                       FLATTEN=True, WARP_SPECIALIZE=False)
     else:
-        config = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
-                      FLATTEN=True, WARP_SPECIALIZE=False)
+        config = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8,
+                      num_stages=3 if epilogue == EPI_RELU2_BWD else 4, FLATTEN=True, WARP_SPECIALIZE=False)
     config.update(_config_override)
     return config
 
@@ -272,7 +305,7 @@ def gemm_nt(a: torch.Tensor, b: torch.Tensor, epilogue: int = EPI_NONE, aux: tor
         assert aux is not None and aux.shape == (m, n) and aux.stride(-1) == 1
     operands = [a, b, c] + ([aux] if aux is not None else [])
     variant = variant or choose_variant(operands, a.device)
-    config = kernel_config(a.dtype, a.device)
+    config = kernel_config(a.dtype, a.device, epilogue)
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     programs = min(_num_programs(a.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
     common = dict(EPILOGUE=epilogue, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
@@ -284,8 +317,12 @@ def gemm_nt(a: torch.Tensor, b: torch.Tensor, epilogue: int = EPI_NONE, aux: tor
         b_desc = TensorDescriptor.from_tensor(b, [bn, bk])
         c_desc = TensorDescriptor.from_tensor(c, [bm, bn // 2])
         aux_desc = TensorDescriptor.from_tensor(aux, [bm, bn // 2]) if aux is not None else c_desc
-        _gemm_nt_tma_kernel[(programs,)](a_desc, b_desc, c_desc, aux_desc, m, n, k,
-                                         WARP_SPECIALIZE=config["WARP_SPECIALIZE"], **common)
+        aux_arg = aux if aux is not None else c
+        prefetch = (epilogue == EPI_RELU2_BWD and not _backend.interpreter_enabled()
+                    and bn * aux_arg.element_size() >= 128)
+        _gemm_nt_tma_kernel[(programs,)](a_desc, b_desc, c_desc, aux_desc, aux_arg, aux_arg.stride(0), m, n, k,
+                                         WARP_SPECIALIZE=config["WARP_SPECIALIZE"], PREFETCH_AUX=prefetch,
+                                         **common)
     elif variant == "pointer":
         aux_arg = aux if aux is not None else c
         _gemm_nt_pointer_kernel[(programs,)](

@@ -321,24 +321,27 @@ def _hopper_specs():
     specs = []
     for dtype, torch_dtype, epilogues in (("bf16", torch.bfloat16, (0, 1, 2)), ("fp16", torch.float16, (1, 2)),
                                           ("fp32", torch.float32, (1,))):
-        config = mlp.kernel_config(torch_dtype, torch.device("cuda"))
-        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-        shared = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
-                  "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132, "FLATTEN": config["FLATTEN"]}
         for epilogue in epilogues:
+            config = mlp.kernel_config(torch_dtype, torch.device("cuda"), epilogue)
+            bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+            shared = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
+                      "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132, "FLATTEN": config["FLATTEN"]}
             specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_pointer_kernel", "signature": {
                 "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "aux_ptr": f"*{dtype}",
                 "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32",
                 "stride_auxm": "i32"},
                 "constexprs": {"EPILOGUE": epilogue, "EVEN_K": True, **shared}, "num_warps": config["num_warps"],
+                "num_stages": config["num_stages"],
                 "divisible_by_16": ["a_ptr", "b_ptr", "c_ptr", "aux_ptr", "N", "K", "stride_am", "stride_bn",
                                     "stride_cm", "stride_auxm"]})
             specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "signature": {
                 "a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>",
                 "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>", "aux_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>",
-                "M": "i32", "N": "i32", "K": "i32"},
-                "constexprs": {"EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"], **shared},
-                "num_warps": config["num_warps"], "divisible_by_16": ["N", "K"]})
+                "aux_ptr": f"*{dtype}", "stride_auxm": "i32", "M": "i32", "N": "i32", "K": "i32"},
+                "constexprs": {"EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"],
+                               "PREFETCH_AUX": epilogue == mlp.EPI_RELU2_BWD, **shared},
+                "num_warps": config["num_warps"], "num_stages": config["num_stages"],
+                "divisible_by_16": ["aux_ptr", "stride_auxm", "N", "K"]})
     # The alternative schedule of the sweep: warp-specialized (a TMA producer warp), unflattened.
     base = next(spec for spec in specs if spec["kernel"] == "_gemm_nt_tma_kernel"
                 and spec["constexprs"]["EPILOGUE"] == 2 and spec["signature"]["M"] == "i32")  # bf16 comes first
@@ -356,6 +359,8 @@ def test_every_kernel_compiles_for_sm90_with_wgmma():
         assert "wgmma.mma_async" in ptx, spec  # Hopper warpgroup MMA, not the mma.sync fallback
         if spec["kernel"] == "_gemm_nt_tma_kernel":
             assert "cp.async.bulk.tensor" in ptx, spec  # TMA loads/stores
+            # The dpre epilogue's aux tile is prefetched into L2 before the K loop (issue 18).
+            assert ("prefetch.global.L2" in ptx) == (spec["constexprs"]["EPILOGUE"] == mlp.EPI_RELU2_BWD), spec
         else:
             # 16-byte asynchronous global -> shared copies (cp.async, size operand 0x10)
             assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx), spec
@@ -489,3 +494,25 @@ def test_bench_sweep_records_every_product_and_config(tmp_path, monkeypatch):
         assert entry.work == {"flops": 2 * 37 * 48 * 80}
         if entry.impl.startswith("torch"):
             assert entry.checks["ok"] and entry.checks["rel_err"] == 0.0
+
+
+def test_bench_dw_split_k_against_cublas(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp_dw", title="t", out_root=tmp_path,
+                           metadata={"device_slug": "fake"}, ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    b.run_dw(run, m=40, d=48, h=80, timer=lambda step: (step(), 1.0)[1], device="cpu", splits=(2, 8, 3))
+    assert len(run.entries) == 2 * 4
+    assert {e.params["product"] for e in run.entries} == {"dW2 = g^T h", "dW1 = dpre^T x"}
+    for entry in run.entries:
+        assert entry.work == {"flops": 2 * 40 * 48 * 80}
+        assert (entry.error is None) == ("split-K 3 " not in entry.impl), entry  # 40 % 3: refused, recorded
+        if entry.error is None:
+            assert entry.checks["ok"] and entry.checks["rel_err"] < 1e-2, entry
+    a, g = torch.randn(40, 48), torch.randn(40, 80)
+    assert rel_err(b.split_k_tn(a, g, 4), a.double().T @ g.double()) < 1e-6
+    assert b.parse_args(["--dw"]).dw and not b.parse_args([]).dw
+    with pytest.raises(SystemExit):
+        b.parse_args(["--dw", "--sweep"])

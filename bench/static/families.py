@@ -251,18 +251,22 @@ def relu2_mlp() -> Op:
 
     def tma(epilogue: int, n: int, k: int) -> dict:
         programs = min(132, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+        stages = mlp.kernel_config(torch.bfloat16, torch.device("cuda"), epilogue)["num_stages"]
         return {"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "num_warps": config["num_warps"],
-                "num_stages": config["num_stages"],
+                "num_stages": stages,
                 "args": {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bn}, {bk}]>",
                          "c_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>",
-                         "aux_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "M": m, "N": n, "K": k,
+                         "aux_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "aux_ptr": "*bf16", "stride_auxm": n,
+                         "M": m, "N": n, "K": k,
                          "EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"],
+                         "PREFETCH_AUX": epilogue == mlp.EPI_RELU2_BWD,
                          "DOT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                          "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": programs, "FLATTEN": config["FLATTEN"]}}
 
     pointer = tma(mlp.EPI_RELU2, H, D)
     pointer = {**pointer, "kernel": "_gemm_nt_pointer_kernel", "args": {
-        **{k: v for k, v in pointer["args"].items() if not k.endswith("_desc") and k != "WARP_SPECIALIZE"},
+        **{k: v for k, v in pointer["args"].items()
+           if not k.endswith("_desc") and k not in ("WARP_SPECIALIZE", "PREFETCH_AUX")},
         "a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "aux_ptr": "*bf16", "stride_am": D, "stride_bn": D,
         "stride_cm": H, "stride_auxm": H, "EVEN_K": D % bk == 0}}
     programs = min(132, triton.cdiv(m, bm) * triton.cdiv(H, bn))
