@@ -657,3 +657,31 @@ def test_bench_dw_split_k_against_cublas(tmp_path, monkeypatch):
     assert b.parse_args(["--dw"]).dw and not b.parse_args([]).dw
     with pytest.raises(SystemExit):
         b.parse_args(["--dw", "--sweep"])
+
+
+# ---- the GPT trainer's switch: --kernels mlp=ours-fp8 ----------------------------------------
+
+def test_gpt_trainer_runs_the_fp8_mlp_in_training_and_bf16_in_validation(tmp_path, monkeypatch, capsys):
+    from speedrun.gpt import train
+    from tests.test_gpt import TINY
+    calls = {"relu2_mlp_fp8": 0, "relu2_mlp": 0}
+
+    def counted(name):
+        original = getattr(kernels, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counted(name))
+    run_dir = tmp_path / "run"
+    assert train.main(["--preset", "smoke", *TINY, "--run-dir", str(run_dir), "--kernels", "mlp=ours-fp8",
+                       "--steps", "2", "--val-every", "2"]) == 0
+    assert "mlp=ours-fp8 (other)" in (run_dir / "log.txt").read_text()
+    layers = 4
+    # every training step runs all layers' MLPs in fp8; the validations (steps 0 and 2) in bf16
+    assert calls["relu2_mlp_fp8"] >= 2 * layers and calls["relu2_mlp"] >= 2 * layers
+    assert train.main(["--preset", "smoke", *TINY, "--run-dir", str(tmp_path / "bad"), "--kernels", "mlp=fp8"]) != 0
+    assert "mlp can be ours, torch, ours-fp8" in capsys.readouterr().err
