@@ -685,3 +685,22 @@ def test_gpt_trainer_runs_the_fp8_mlp_in_training_and_bf16_in_validation(tmp_pat
     assert calls["relu2_mlp_fp8"] >= 2 * layers and calls["relu2_mlp"] >= 2 * layers
     assert train.main(["--preset", "smoke", *TINY, "--run-dir", str(tmp_path / "bad"), "--kernels", "mlp=fp8"]) != 0
     assert "mlp can be ours, torch, ours-fp8" in capsys.readouterr().err
+
+
+def test_bench_checks_ours_fp8_with_the_e4m3_tolerance(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+
+    def off_by_5_percent(x, w_fc, w_proj):  # an e4m3-sized difference from eager
+        return b.record_mlp(x, w_fc, w_proj) * 1.05
+
+    monkeypatch.setattr(b, "mlp_functions", lambda impls: {impl: off_by_5_percent for impl in impls})
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp", title="t", out_root=tmp_path, metadata={"device_slug": "fake"},
+                           ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    b.run_shape(run, m=37, d=48, h=80, modes=("fwd",), impls=["ours-fp8", "ours-triton"],
+                timer=lambda step: (step(), 1.0)[1], device="cpu")
+    ok = {e.impl: e.checks["ok"] for e in run.entries}
+    assert ok == {"ours-fp8": True, "ours-triton": False}
+    assert "ours-fp8" in b.IMPLEMENTATIONS and b.FP8_TOL == 2 * 2.0 ** -4
