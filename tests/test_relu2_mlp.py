@@ -542,6 +542,16 @@ def test_gpu_bf16_gemm_variants(variant, epilogue):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lead,d,h", [((4, 1024 + 17), 768, 3072), ((77,), 45, 83)])
+def test_gpu_bf16_relu2_mlp_fp8_matches_float64(lead, d, h):
+    # CPU twin: test_triton_relu2_mlp_fp8_matches_float64 (fp16/fp32 in the interpreter).
+    inputs = mlp_inputs(lead, d, h, dtype=torch.bfloat16, device="cuda")
+    result = fwd_bwd(kernels.relu2_mlp_fp8, "relu2_mlp", inputs)
+    for name, got, want in zip(["out", "grad0", "grad1", "grad2"], result, fp8_oracle(inputs)):
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < TOL[torch.bfloat16], name
+
+
+@pytest.mark.gpu
 def test_gpu_auto_picks_tma_for_the_speedrun_shapes():
     x, w_fc, w_proj = mlp_inputs((2, 64), 768, 3072, dtype=torch.bfloat16, device="cuda")
     expected = "tma" if mlp.tma_available(x.device) else "pointer"

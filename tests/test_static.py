@@ -165,6 +165,13 @@ def test_relu2_mlp_forward_has_4_stages_and_dpre_3_within_shared_memory():
         assert kernel["spill_bytes"] == 0 and kernel["local_accesses"] == 0 and kernel["registers"] <= 255
 
 
+def test_relu2_mlp_fp8_forward_is_an_e4m3_wgmma_kernel_like_the_bf16_one():
+    fp8, bf16 = _relu2_mlp_record("(fp8 h = relu(s x8 W1_8^T)^2)"), _relu2_mlp_record("(h = relu(x W1^T)^2)")
+    assert list(fp8["mma"]) == ["QGMMA.64x256x32.F32.E4M3.E4M3"]  # fp8 operands straight into wgmma
+    assert fp8["specialization"]["num_stages"] == 4 and fp8["smem_bytes"] == bf16["smem_bytes"]
+    assert fp8["spill_bytes"] == 0 and fp8["registers"] <= 255
+
+
 def test_relu2_mlp_dpre_prefetches_the_aux_tile_before_the_epilogue_wait():
     # The aux (h) tile's DRAM read must start under the K loop, not after it: in the main
     # (flattened tile x K) loop, every L2 prefetch (CCTL.E.PF2) comes before the wgmma
