@@ -615,12 +615,13 @@ def test_bench_run_shape_checks_times_and_records(tmp_path, monkeypatch):
         assert entries[mode, "missing"].error == "triton is not installed"
 
 
-def test_bench_without_gpu_exits_0():
+@pytest.mark.parametrize("mode", [[], ["--dw"]])
+def test_bench_without_gpu_exits_0(mode):
     import os
     import subprocess
     import sys
     from bench import harness
-    done = subprocess.run([sys.executable, "-m", "bench.bench_relu2_mlp", "--quick"], cwd=harness.REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "bench.bench_relu2_mlp", "--quick", *mode], cwd=harness.REPO_ROOT,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
