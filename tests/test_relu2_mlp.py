@@ -560,10 +560,12 @@ def test_gpu_auto_picks_tma_for_the_speedrun_shapes():
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_model_mlp_with_inductor():
+@pytest.mark.parametrize("op", ["relu2_mlp", "relu2_mlp_fp8"])
+def test_gpu_compiled_model_mlp_with_inductor(op):
+    # CPU twins: the aot_eager compile tests above (the same custom ops traced).
     inputs = mlp_inputs((2, 512), 768, 3072, dtype=torch.bfloat16, device="cuda")
-    compiled = torch.compile(kernels.relu2_mlp, fullgraph=True)
-    assert_identical(fwd_bwd(compiled, "relu2_mlp", inputs), fwd_bwd(kernels.relu2_mlp, "relu2_mlp", inputs))
+    compiled = torch.compile(getattr(kernels, op), fullgraph=True)
+    assert_identical(fwd_bwd(compiled, "relu2_mlp", inputs), fwd_bwd(getattr(kernels, op), "relu2_mlp", inputs))
 
 
 # ---- bench/bench_relu2_mlp.py: the parts that run without a GPU ---------------------------
