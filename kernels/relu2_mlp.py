@@ -25,7 +25,11 @@ three epilogues to the fp32 accumulator before the single store:
   EPI_RELU2_BWD  C = 2 (A B^T) * sqrt(aux)          backward: dpre = 2 (g W2) * relu(pre)
 
 The forward stores only h (which the second product needs anyway): relu(pre) is sqrt(h),
-so the backward needs neither the pre-activation nor dh = g W2 in memory.  The kernel
+so the backward needs neither the pre-activation nor dh = g W2 in memory.  The dpre
+product prefetches each tile's h into L2 before its K loop, so the epilogue's load of it
+does not wait on DRAM.  relu2_mlp_fp8 runs the EPI_RELU2 product on e4m3 operands
+(quantized by torch on the device) with the dequantization scale read from memory, and
+shares the bf16 backward.  The kernel
 comes in two variants, picked per launch by feature detection: TMA tensor descriptors
 (Triton's TensorDescriptor, Hopper or newer, 16-byte aligned operands) and plain
 pointers (anything else, and the interpreter).

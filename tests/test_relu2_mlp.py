@@ -346,6 +346,18 @@ def test_relu2_mlp_fp8_on_cpu_is_the_reference_and_compiles():
     assert_identical(forward_backward(compiled, inputs, seed=1), expected)
 
 
+def test_reference_relu2_mlp_fp8_in_fp32_matches_float64_and_zero_input_gives_zeros():
+    inputs = mlp_inputs((37,), 48, 80, dtype=torch.float32)
+    for name, got, want in zip(["out", "grad0", "grad1", "grad2"],
+                               forward_backward(lambda *t: reference.relu2_mlp_fp8(*t), inputs, seed=1),
+                               fp8_oracle(inputs)):
+        assert rel_err(got, want) < TOL[torch.float32], name
+    # amax = 0: the scale is clamped to the smallest normal, not 0, so 0 / scale is 0, not NaN.
+    x, w_fc, w_proj = inputs
+    out, dx, dw_fc, dw_proj = forward_backward(lambda *t: reference.relu2_mlp_fp8(*t), [x * 0, w_fc, w_proj])
+    assert (out == 0).all() and (dx == 0).all() and (dw_fc == 0).all() and (dw_proj == 0).all()
+
+
 def test_triton_relu2_mlp_fp8_compiles_with_fullgraph_and_matches_eager(interpreter_device):
     compiled = torch.compile(kernels.relu2_mlp_fp8, backend="aot_eager", fullgraph=True)
     inputs = mlp_inputs((3, 13), 48, 80, dtype=torch.float16, device=interpreter_device)
