@@ -17,12 +17,19 @@ Implementations:
   ours-triton       kernels.relu2_mlp (backend triton): fused relu^2 GEMM and fused dpre
                     GEMM in Triton; y, dx, dW1, dW2 on cuBLAS (the default).
   ours-triton-all   the same with y and dx also on the Triton GEMM (plain_gemm("triton")).
+  ours-fp8          kernels.relu2_mlp_fp8: the first product in e4m3 with amax/448 per-tensor
+                    scales (the current modded-nanogpt record's FP8 MLP forward), the rest as
+                    ours-triton; checked against eager with FP8_TOL instead of TOL.
   torch-eager       the record's formulation.
   torch-compile     the same under torch.compile(dynamic=False), default mode.
   torch-compile-max-autotune  (not in the default list: minutes of autotuning per shape)
 
 Before timing, each implementation is checked against torch eager (relative Frobenius
 error of y and of each gradient).  `python -m bench.bench_relu2_mlp --help` for options.
+
+`--dw` times the two weight-gradient products (dW2 = g^T h, dW1 = dpre^T x: K = M, a
+3072 x 768 output) on cuBLAS against an explicit split-K (DW_SPLITS): the check of
+cuBLAS's split-K choice for the products that stay on it.
 
 `--sweep` instead times the single products at the same shapes -- the fused forward GEMM
 (x W1^T with the relu^2 epilogue), the fused dpre GEMM and the plain y GEMM -- for each
@@ -43,7 +50,7 @@ from bench import harness
 
 OP = "relu2_mlp"
 MODES = ("fwd+bwd", "fwd")
-IMPLEMENTATIONS = ("ours-triton", "ours-triton-all", "torch-eager", "torch-compile")
+IMPLEMENTATIONS = ("ours-triton", "ours-triton-all", "ours-fp8", "torch-eager", "torch-compile")
 OPTIONAL_IMPLEMENTATIONS = ("torch-compile-max-autotune",)
 DEFAULT_M = (48 * 1024, 64 * 1024)
 DEFAULT_D = 768
@@ -52,13 +59,17 @@ SEED = 0
 # Both sides round h, y and every gradient to bf16 (2**-8 relative per element) from fp32
 # sums taken in different orders; ~4e-3 is typical, 2e-2 flags a real error.
 TOL = 2e-2
+# ours-fp8 quantizes x and w_fc to e4m3 (unit roundoff 2**-4): its outputs differ from the bf16
+# MLP by ~5e-2 (tests/test_relu2_mlp.py derives the bounds); 2 * 2**-4 flags a real error.
+FP8_TOL = 2 * 2.0 ** -4
 
 NOTES = (
     "FLOPs counted: 4*M*D*H (fwd) and 12*M*D*H (fwd+bwd); the elementwise relu^2 work is not counted.",
     "Inputs: bf16 x ~ randn, w_fc ~ U(+-sqrt(3)*0.5*D**-0.5) as the model inits it, "
     f"w_proj ~ randn * H**-0.5 (the model's zero init would make the check vacuous), "
     f"upstream gradient ~ randn; seed {SEED}.",
-    f"Checks against torch eager: rel_err = ||a - b||_F / ||b||_F per output; ok when all <= {TOL:g}.",
+    f"Checks against torch eager: rel_err = ||a - b||_F / ||b||_F per output; ok when all <= {TOL:g} "
+    f"({FP8_TOL:g} for ours-fp8, whose e4m3 operands differ from bf16 by design).",
     "torch-compile: torch.compile(record_mlp, dynamic=False), default mode.",
 )
 
@@ -77,8 +88,8 @@ def flops(m: int, d: int, h: int, mode: str) -> int:
 
 # ---- implementations -----------------------------------------------------------------
 
-def _ours(plain: str) -> Callable | str:
-    """kernels.relu2_mlp on the Triton backend with the plain products on `plain`, or why not."""
+def _ours(plain: str, op: str = "relu2_mlp") -> Callable | str:
+    """kernels.<op> on the Triton backend with the plain products on `plain`, or why not."""
     try:
         import kernels
         module = importlib.import_module("kernels.relu2_mlp")
@@ -89,7 +100,7 @@ def _ours(plain: str) -> Callable | str:
 
     def mlp(x, w_fc, w_proj):
         with kernels.use_backend("triton"), module.plain_gemm(plain):
-            return kernels.relu2_mlp(x, w_fc, w_proj)
+            return getattr(kernels, op)(x, w_fc, w_proj)
 
     return mlp
 
@@ -99,6 +110,7 @@ def mlp_functions(impls) -> dict[str, Callable | str]:
     builders = {
         "ours-triton": lambda: _ours("cublas"),
         "ours-triton-all": lambda: _ours("triton"),
+        "ours-fp8": lambda: _ours("cublas", "relu2_mlp_fp8"),
         "torch-eager": lambda: record_mlp,
         "torch-compile": lambda: torch.compile(record_mlp, dynamic=False),
         "torch-compile-max-autotune": lambda: torch.compile(record_mlp, dynamic=False, mode="max-autotune-no-cudagraphs"),
@@ -143,7 +155,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / norm
 
 
-def check(step: Callable, reference: tuple, on_cuda: bool) -> tuple[dict, dict]:
+def check(step: Callable, reference: tuple, on_cuda: bool, tol: float = TOL) -> tuple[dict, dict]:
     """Run step() once (for torch.compile: the compilation) and compare with eager."""
     if on_cuda:
         before = torch.cuda.memory_allocated()
@@ -151,7 +163,7 @@ def check(step: Callable, reference: tuple, on_cuda: bool) -> tuple[dict, dict]:
     outputs = step()
     checks = {f"{name}_rel_err": relative_error(out.detach(), ref)
               for name, out, ref in zip(OUTPUT_NAMES, outputs, reference)}
-    checks["ok"] = all(value <= TOL for value in checks.values())  # NaN compares False
+    checks["ok"] = all(value <= tol for value in checks.values())  # NaN compares False
     extra = {}
     if on_cuda:
         extra["working_mem_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
@@ -177,7 +189,8 @@ def _check_and_time(impl: str, fn: Callable | str, mode: str, inputs: tuple, ref
         return run_step(fn, *leaves, upstream)
 
     try:
-        checks, extra = check(step, reference[: 4 if training else 1], on_cuda=x.is_cuda)
+        checks, extra = check(step, reference[: 4 if training else 1], on_cuda=x.is_cuda,
+                              tol=FP8_TOL if impl == "ours-fp8" else TOL)
     except Exception as exc:  # out of memory, a kernel refusing the input, a compile error
         return harness.failed(case, impl, harness.describe_error(exc), **common)
     finally:
@@ -214,8 +227,8 @@ def run_shape(run: harness.BenchRun, *, m: int, d: int, h: int, modes, impls,
 # ---- config sweep (single products) -------------------------------------------------
 
 SWEEP_CONFIGS = (
-    {},                                                  # the default: 128x256x64, 8 warps, 3 stages
-    {"num_stages": 4},
+    {},                                                  # the default: 128x256x64, 8 warps, 4 stages (dpre 3)
+    {"num_stages": 3},                                   # the forward's previous default
     {"BLOCK_M": 256, "BLOCK_N": 128},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
@@ -283,6 +296,66 @@ def run_sweep(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[
     harness.free_cuda_memory()
 
 
+# ---- weight gradients: cuBLAS against explicit split-K -----------------------------------
+
+# dW1 = dpre^T x and dW2 = g^T h reduce over the M tokens into small outputs (3072 x 768:
+# 72 tiles of 128 x 256 for 132 SMs), so a GEMM that gives one output tile to one SM leaves
+# SMs idle unless it splits K.  cuBLAS picks its own split (not settable from torch); the
+# explicit split-K below cuts M into S chunks, multiplies them as one batch with fp32
+# partial sums and adds the S partials: if it beats torch.matmul, cuBLAS's choice is short.
+DW_SPLITS = (2, 4, 8, 16)
+
+
+def split_k_tn(a: torch.Tensor, b: torch.Tensor, splits: int) -> torch.Tensor:
+    """a^T b for a [M, P], b [M, Q] with M cut into `splits` chunks: fp32 partials, one sum."""
+    m = a.shape[0]
+    if m % splits:
+        raise ValueError(f"M = {m} is not a multiple of splits = {splits}")
+    a_chunks = a.view(splits, m // splits, a.shape[1]).transpose(1, 2)
+    b_chunks = b.view(splits, m // splits, b.shape[1])
+    if a.is_cuda:  # bf16 products accumulated and returned in fp32 by cuBLAS itself
+        partials = torch.bmm(a_chunks, b_chunks, out_dtype=torch.float32)
+    else:  # CPU (tests): no bf16 -> fp32 bmm there; the same sums in fp32
+        partials = torch.bmm(a_chunks.float(), b_chunks.float())
+    return partials.sum(0).to(a.dtype)
+
+
+def dw_products(x, w_fc, w_proj, upstream):
+    """name -> (a, b, P, Q): the two weight-gradient products a^T b of the backward."""
+    module = importlib.import_module("kernels.relu2_mlp")
+    h = module.gemm_nt(x, w_fc, module.EPI_RELU2)
+    dpre = module.gemm_nt(upstream, w_proj.T.contiguous(), module.EPI_RELU2_BWD, h)
+    return {"dW2 = g^T h": (upstream, h), "dW1 = dpre^T x": (dpre, x)}
+
+
+def run_dw(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[[Callable], float],
+           device, splits=DW_SPLITS) -> None:
+    """Time each weight-gradient product on cuBLAS (torch.matmul) and as explicit split-K."""
+    x, w_fc, w_proj, upstream = make_inputs(m, d, h, device)
+    for name, (a, b) in dw_products(x, w_fc, w_proj, upstream).items():
+        (pm, pp), pq = a.shape, b.shape[1]
+        case = f"{name} [{pp}, {pq}] K={pm}"
+        common = dict(ceiling=harness.BF16_MATMUL, flops=2 * pm * pp * pq,
+                      params={"product": name, "m": pp, "n": pq, "k": pm, "dtype": "bfloat16"})
+        expected = (a.T @ b).double()
+        trials = [("cuBLAS (torch.matmul)", lambda a=a, b=b: a.T @ b)]
+        trials += [(f"split-K {s} (bmm fp32 partials + sum)", lambda a=a, b=b, s=s: split_k_tn(a, b, s))
+                   for s in splits]
+        for label, step in trials:
+            try:
+                error = relative_error(step(), expected)
+                ms = timer(step)
+            except Exception as exc:  # a split that does not divide M, out of memory
+                run.add(harness.failed(case, label, harness.describe_error(exc), **common))
+                continue
+            finally:
+                harness.free_cuda_memory()
+            run.add(harness.measured(case, label, ms, ceilings=run.ceilings, **common,
+                                     checks={"rel_err": error, "ok": error <= TOL}))
+    del x, w_fc, w_proj, upstream
+    harness.free_cuda_memory()
+
+
 # ---- command line --------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -308,7 +381,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true",
                         help="time the single products per tile config (SWEEP_CONFIGS) and variant "
                              "against cuBLAS instead of the implementations; writes relu2_mlp_sweep.*")
+    parser.add_argument("--dw", action="store_true",
+                        help="time the two weight-gradient products (K = M) on cuBLAS against explicit "
+                             f"split-K with {DW_SPLITS} chunks instead; writes relu2_mlp_dw.*")
     args = parser.parse_args(argv)
+    if args.sweep and args.dw:
+        parser.error("--sweep and --dw are separate runs: give one")
     if any(m <= 0 for m in args.m) or args.d <= 0 or args.h <= 0:
         parser.error("--m, --d and --h must be positive")
     return args
@@ -327,6 +405,15 @@ def main(argv=None) -> int:
     if not harness.cuda_available_or_explain():
         return 0
     timing = harness.timing_for(args.quick)
+    if args.dw:
+        run = harness.start_run(f"{OP}_dw", title=f"ReLU^2 MLP weight gradients: cuBLAS vs split-K, bf16, "
+                                f"D={args.d}, H={args.h}", out_root=args.out, timing=timing,
+                                notes=(f"FLOPs counted: 2*M*D*H per product; split-K: {DW_SPLITS} chunks of M.",),
+                                extra_metadata={"tol": TOL})
+        for m in args.m:
+            run_dw(run, m=m, d=args.d, h=args.h, timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
+        run.finish()
+        return 0
     if args.sweep:
         run = harness.start_run(f"{OP}_sweep", title=f"ReLU^2 MLP products per tile config, bf16, D={args.d}, "
                                 f"H={args.h}", out_root=args.out, timing=timing, notes=NOTES[:1],

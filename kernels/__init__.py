@@ -9,6 +9,7 @@ registered fake implementation and autograd, so models using them trace under
   linear_softcap_cross_entropy   the LM head and the softcapped loss together
   newton_schulz                  batched Newton-Schulz orthogonalization (Muon)
   relu2_mlp, linear_relu2        the ReLU^2 MLP and its fused first half
+  relu2_mlp_fp8                  the same MLP with an e4m3 first product (per-tensor scales)
   sliding_window_attention       causal, windowed, document-masked attention
 
 `set_backend()` / env KERNELS_BACKEND choose the implementation (auto, cuda, triton,
@@ -19,7 +20,7 @@ from kernels._backend import backends, get_backend, set_backend, use_backend
 from kernels.softcap_ce import softcap_cross_entropy
 from kernels.fp8_head import fp8_linear, linear_softcap_cross_entropy
 from kernels.newton_schulz import newton_schulz
-from kernels.relu2_mlp import linear_relu2, relu2_mlp
+from kernels.relu2_mlp import linear_relu2, relu2_mlp, relu2_mlp_fp8
 from kernels.sliding_window_attention import sliding_window_attention
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "linear_softcap_cross_entropy",
     "newton_schulz",
     "relu2_mlp",
+    "relu2_mlp_fp8",
     "linear_relu2",
     "sliding_window_attention",
     "set_backend",

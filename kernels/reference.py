@@ -210,6 +210,51 @@ def relu2_mlp(x, w_fc, w_proj):
     return linear_relu2(x, w_fc) @ w_proj.T
 
 
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_scale(t):
+    """The per-tensor e4m3 scale of t: amax(|t|) / 448, so that t / scale spans e4m3's range.
+
+    In fp32 (fp64 for fp64 t), a 0-D tensor on t's device (no host sync); an all-zero t
+    gets the smallest normal fp32 instead of 0, so t / scale stays 0 rather than NaN.
+    """
+    amax = t.detach().abs().amax().to(_compute_dtype(t.dtype))
+    return (amax / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def quantize_e4m3(t, scale):
+    """e4m3(clamp(t / scale, -448, 448)), the quotient taken in fp32 (fp64 for fp64 t).
+
+    The clamp makes values past the range saturate on every device (torch's own cast
+    gives NaN beyond 480 on CUDA); with scale = fp8_scale(t) nothing is clamped.
+    """
+    quotient = t.detach().to(_compute_dtype(t.dtype)) / scale
+    return quotient.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def relu2_mlp_fp8(x, w_fc, w_proj, *, x_scale=None, w_scale=None):
+    """relu2_mlp with the first product in float8 e4m3, per-tensor scales (the forward of the
+    current modded-nanogpt record's FP8 MLP): for x [..., D], w_fc [H, D], w_proj [D, H].
+
+    x8 = quantize_e4m3(x, x_scale), w8 = quantize_e4m3(w_fc, w_scale) (scales: floats or
+    0-D tensors, the dequantization factors, x ~ x8 * x_scale; None: fp8_scale, i.e.
+    amax / 448 each call); pre = (x8 @ w8^T) * (x_scale * w_scale) with exact products and
+    fp32 sums (fp64 for fp64), rounded to x's dtype; h = relu(pre)^2 rounded; y = h @ w_proj^T.
+    Backward straight through the quantization, as the record's: the gradients are those of
+    relu2_mlp at the unquantized x and w_fc with relu(pre) taken at the fp8 pre-activation:
+    dpre = 2 (g w_proj) relu(pre), dx = dpre w_fc, dw_fc = dpre^T x, dw_proj = g^T h.
+    """
+    compute = _compute_dtype(x.dtype)
+    xs = fp8_scale(x) if x_scale is None else torch.as_tensor(x_scale, dtype=compute, device=x.device)
+    ws = fp8_scale(w_fc) if w_scale is None else torch.as_tensor(w_scale, dtype=compute, device=x.device)
+    x8, w8 = quantize_e4m3(x, xs), quantize_e4m3(w_fc, ws)
+    pre_fp8 = ((x8.to(compute) @ w8.to(compute).T) * (xs * ws)).to(x.dtype)
+    pre = x @ w_fc.T  # carries the gradient; its value (exactly) is the fp8 one
+    pre = pre_fp8 + (pre - pre.detach())
+    return torch.relu(pre).square() @ w_proj.T
+
+
 # ---- attention --------------------------------------------------------------------------
 
 def attention_mask(length, *, window=None, doc_ids=None, device=None, block_size=None):

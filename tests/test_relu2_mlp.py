@@ -11,6 +11,7 @@ half-ulps of its dtype: fp16 (2**-11 ~ 4.9e-4) -> 3e-3; fp32 (the dots run in ex
 arithmetic is wrong, DESIGN.md §4): 2**-8 ~ 3.9e-3 -> 2.5e-2.
 """
 import importlib
+import json
 import re
 
 import pytest
@@ -271,6 +272,134 @@ def test_fake_impls_give_shapes_without_running():
     assert dw_proj.shape == w_proj.shape
 
 
+# ---- relu2_mlp_fp8: the e4m3 forward variant --------------------------------------------
+# Two separate checks.  (1) The kernels against the float64 spec of the *quantized* op
+# (reference.relu2_mlp_fp8 on float64 copies): both sides quantize x and w_fc to the same
+# e4m3 values (the spec's fp64 quotient and the op's fp32 one round alike but for
+# boundary ties, about 2**-20 of the elements, one e4m3 step each), so what remains is
+# the dtype's rounding and TOL applies as for relu2_mlp.  (2) The quantized op against
+# the unquantized MLP: e4m3 keeps 3 mantissa bits, unit roundoff u = 2**-4; the rounding
+# error of one operand has rms ~ u/sqrt(3), so pre carries ~ sqrt(2/3) u ~ 0.8u, the
+# outputs computed from relu(pre) (dx, dw_fc) at most u, and h = pre^2 doubles the
+# relative error (y, dw_proj: 2u).  It must also be visibly larger than bf16 rounding
+# (2**-8), or nothing was quantized.
+
+E4M3_U = 2.0 ** -4
+FP8_BOUND = {"out": 2 * E4M3_U, "grad0": E4M3_U, "grad1": E4M3_U, "grad2": 2 * E4M3_U}
+
+
+def fp8_oracle(inputs, seed=1, **scales):
+    upstream = upstream_for("relu2_mlp", inputs, seed).double()
+    return forward_backward(lambda *t: reference.relu2_mlp_fp8(*t, **scales),
+                            [t.detach().double() for t in inputs], upstream)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,d,h", SHAPES)
+def test_triton_relu2_mlp_fp8_matches_float64(dtype, lead, d, h, interpreter_device):
+    inputs = mlp_inputs(lead, d, h, dtype=dtype, device=interpreter_device)
+    with kernels.use_backend("triton"):
+        result = fwd_bwd(kernels.relu2_mlp_fp8, "relu2_mlp", inputs)
+    names = ["out", "grad0", "grad1", "grad2"]
+    for name, got, want, given in zip(names, result, fp8_oracle(inputs), [inputs[0], *inputs]):
+        assert got.dtype == dtype and got.shape == given.shape, name
+        assert rel_err(got, want) < TOL[dtype], name
+    if dtype == torch.float32:  # (2): e4m3-sized, not bf16-sized, error against no quantization
+        for name, got, want in zip(names, result, float64_oracle("relu2_mlp", inputs)):
+            assert 2.0 ** -8 < rel_err(got, want) < FP8_BOUND[name], name
+
+
+def test_triton_relu2_mlp_fp8_with_given_scales(interpreter_device):
+    # Fixed scales (floats and device tensors) instead of amax / 448: the same values as the
+    # spec with those scales; a scale too small saturates x / scale at +-448 instead of NaN.
+    inputs = mlp_inputs((37,), 48, 80, dtype=torch.float32, device=interpreter_device)
+    for x_scale, w_scale in ((0.01, 2.0 ** -9), (torch.tensor(0.02), torch.tensor([0.001])), (1e-4, 1e-4)):
+        with kernels.use_backend("triton"):
+            result = fwd_bwd(lambda *t: kernels.relu2_mlp_fp8(*t, x_scale=x_scale, w_scale=w_scale),
+                             "relu2_mlp", inputs)
+        scales = {"x_scale": float(x_scale), "w_scale": float(w_scale)}
+        for got, want in zip(result, fp8_oracle(inputs, **scales)):
+            assert torch.isfinite(got).all() and rel_err(got, want) < TOL[torch.float32]
+    # 1e-4: |x| / 1e-4 is far past 448 for most of x, so x8 = +-448 there (saturated, finite).
+    assert (reference.quantize_e4m3(inputs[0], 1e-4).float().abs() == 448).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("variant", ["pointer", "tma"])
+def test_gemm_fp8_operands_scale_and_bf16_sized_output(variant, interpreter_device):
+    # e4m3 operands, an fp32 device scale, a 16-bit output: every element written.
+    m, n, k = 37, 80, 48
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(m, k, generator=gen).to(mlp.FP8).to(interpreter_device)
+    b = torch.randn(n, k, generator=gen).to(mlp.FP8).to(interpreter_device)
+    scale = torch.tensor([0.0625], device=interpreter_device)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=interpreter_device)
+    mlp.gemm_nt(a, b, mlp.EPI_RELU2, variant=variant, out=out, scale=scale, out_dtype=torch.float16)
+    product = (a.double() @ b.double().T * 0.0625).to(torch.float16).double().clamp_min(0).square()
+    assert torch.isfinite(out).all() and rel_err(out, product) < TOL[torch.float16]
+
+
+def test_relu2_mlp_fp8_on_cpu_is_the_reference_and_compiles():
+    inputs = mlp_inputs((3, 13), 45, 83, dtype=torch.bfloat16)
+    expected = forward_backward(lambda *t: reference.relu2_mlp_fp8(*t), inputs, seed=1)
+    assert_identical(forward_backward(kernels.relu2_mlp_fp8, inputs, seed=1), expected)
+    compiled = torch.compile(kernels.relu2_mlp_fp8, backend="aot_eager", fullgraph=True)
+    assert_identical(forward_backward(compiled, inputs, seed=1), expected)
+
+
+def test_reference_relu2_mlp_fp8_in_fp32_matches_float64_and_zero_input_gives_zeros():
+    inputs = mlp_inputs((37,), 48, 80, dtype=torch.float32)
+    for name, got, want in zip(["out", "grad0", "grad1", "grad2"],
+                               forward_backward(lambda *t: reference.relu2_mlp_fp8(*t), inputs, seed=1),
+                               fp8_oracle(inputs)):
+        assert rel_err(got, want) < TOL[torch.float32], name
+    # amax = 0: the scale is clamped to the smallest normal, not 0, so 0 / scale is 0, not NaN.
+    x, w_fc, w_proj = inputs
+    out, dx, dw_fc, dw_proj = forward_backward(lambda *t: reference.relu2_mlp_fp8(*t), [x * 0, w_fc, w_proj])
+    assert (out == 0).all() and (dx == 0).all() and (dw_fc == 0).all() and (dw_proj == 0).all()
+
+
+def test_triton_relu2_mlp_fp8_compiles_with_fullgraph_and_matches_eager(interpreter_device):
+    compiled = torch.compile(kernels.relu2_mlp_fp8, backend="aot_eager", fullgraph=True)
+    inputs = mlp_inputs((3, 13), 48, 80, dtype=torch.float16, device=interpreter_device)
+    with kernels.use_backend("triton"):
+        assert_identical(fwd_bwd(compiled, "relu2_mlp", inputs), fwd_bwd(kernels.relu2_mlp_fp8, "relu2_mlp", inputs))
+
+
+def test_relu2_mlp_fp8_fake_impl():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(4096, 768, dtype=torch.bfloat16)
+        w_fc = torch.empty(3072, 768, dtype=torch.bfloat16)
+        w_proj = torch.empty(768, 3072, dtype=torch.bfloat16)
+        scale = torch.empty((), dtype=torch.float32)
+        y, h = torch.ops.kernels.relu2_mlp_fp8_forward(x, w_fc, w_proj, scale, scale, "cublas")
+    assert y.shape == (4096, 768) and h.shape == (4096, 3072) and y.dtype == h.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scales,exc,match", [
+    ({"x_scale": 0.0}, ValueError, "x_scale must be a positive finite float"),
+    ({"w_scale": -1.0}, ValueError, "w_scale must be a positive finite float"),
+    ({"x_scale": float("nan")}, ValueError, "x_scale must be a positive finite float"),
+    ({"w_scale": float("inf")}, ValueError, "w_scale must be a positive finite float"),
+    ({"x_scale": "2"}, ValueError, "x_scale must be a positive finite float"),
+    ({"x_scale": True}, ValueError, "x_scale must be a positive finite float"),
+    ({"x_scale": torch.ones(2)}, ValueError, r"x_scale must be .* one-element float tensor; got .* \(2,\)"),
+    ({"w_scale": torch.ones((), dtype=torch.int32)}, ValueError, "w_scale must be .* one-element float tensor"),
+    ({"w_scale": torch.ones((), device="meta")}, ValueError, "w_scale is on meta"),
+])
+def test_relu2_mlp_fp8_bad_scales_raise_naming_them(scales, exc, match):
+    with pytest.raises(exc, match=match):
+        kernels.relu2_mlp_fp8(*mlp_inputs(), **scales)
+
+
+def test_relu2_mlp_fp8_checks_its_tensors_like_relu2_mlp():
+    x, w_fc, w_proj = mlp_inputs()
+    with pytest.raises(ValueError, match=r"w_proj.shape\[1\] must equal w_fc.shape\[0\]"):
+        kernels.relu2_mlp_fp8(x, w_fc, w_proj[:, 1:])
+    with pytest.raises(TypeError, match="w_fc has dtype torch.bfloat16 but x has torch.float32"):
+        kernels.relu2_mlp_fp8(x.float(), w_fc, w_proj)
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make_args,exc,match", [
@@ -317,28 +446,53 @@ def test_linear_relu2_bad_arguments_raise_naming_them(make_args, exc, match):
 # ---- ahead-of-time compilation for Hopper ------------------------------------------------
 
 def _hopper_specs():
-    """Every kernel x epilogue in bf16 at the GPU config, plus fp16 and fp32 (exact dots)."""
+    """Every kernel x epilogue in bf16 at the GPU config, plus fp16, fp32 (exact dots) and the
+    e4m3 forward of relu2_mlp_fp8."""
     specs = []
     for dtype, torch_dtype, epilogues in (("bf16", torch.bfloat16, (0, 1, 2)), ("fp16", torch.float16, (1, 2)),
                                           ("fp32", torch.float32, (1,))):
-        config = mlp.kernel_config(torch_dtype, torch.device("cuda"))
-        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-        shared = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
-                  "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132, "FLATTEN": config["FLATTEN"]}
         for epilogue in epilogues:
+            config = mlp.kernel_config(torch_dtype, torch.device("cuda"), epilogue)
+            bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+            shared = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "HAS_SCALE": False, "BLOCK_M": bm,
+                      "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132,
+                      "FLATTEN": config["FLATTEN"]}
             specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_pointer_kernel", "signature": {
                 "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "aux_ptr": f"*{dtype}",
-                "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32",
-                "stride_auxm": "i32"},
+                "scale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32",
+                "stride_cm": "i32", "stride_auxm": "i32"},
                 "constexprs": {"EPILOGUE": epilogue, "EVEN_K": True, **shared}, "num_warps": config["num_warps"],
+                "num_stages": config["num_stages"],
                 "divisible_by_16": ["a_ptr", "b_ptr", "c_ptr", "aux_ptr", "N", "K", "stride_am", "stride_bn",
                                     "stride_cm", "stride_auxm"]})
             specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "signature": {
                 "a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>", "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>",
                 "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>", "aux_desc": f"tensordesc<{dtype}[{bm}, {bn // 2}]>",
-                "M": "i32", "N": "i32", "K": "i32"},
-                "constexprs": {"EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"], **shared},
-                "num_warps": config["num_warps"], "divisible_by_16": ["N", "K"]})
+                "aux_ptr": f"*{dtype}", "scale_ptr": "*fp32", "stride_auxm": "i32", "M": "i32", "N": "i32",
+                "K": "i32"},
+                "constexprs": {"EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"],
+                               "PREFETCH_AUX": epilogue == mlp.EPI_RELU2_BWD, **shared},
+                "num_warps": config["num_warps"], "num_stages": config["num_stages"],
+                "divisible_by_16": ["aux_ptr", "stride_auxm", "N", "K"]})
+    # relu2_mlp_fp8's forward: e4m3 operands, bf16 out, the dequant scale read from memory.
+    config = mlp.kernel_config(mlp.FP8, torch.device("cuda"), mlp.EPI_RELU2)
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    fp8 = {"EPILOGUE": mlp.EPI_RELU2, "DOT_PRECISION": "tf32", "HAS_SCALE": True, "BLOCK_M": bm, "BLOCK_N": bn,
+           "BLOCK_K": bk, "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": 132, "FLATTEN": config["FLATTEN"]}
+    specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "signature": {
+        "a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}]>", "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}]>",
+        "c_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "aux_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>",
+        "aux_ptr": "*bf16", "scale_ptr": "*fp32", "stride_auxm": "i32", "M": "i32", "N": "i32", "K": "i32"},
+        "constexprs": {**fp8, "WARP_SPECIALIZE": False, "PREFETCH_AUX": False},
+        "num_warps": config["num_warps"], "num_stages": config["num_stages"],
+        "divisible_by_16": ["aux_ptr", "scale_ptr", "stride_auxm", "N", "K"]})
+    specs.append({"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_pointer_kernel", "signature": {
+        "a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "aux_ptr": "*bf16", "scale_ptr": "*fp32",
+        "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32",
+        "stride_auxm": "i32"},
+        "constexprs": {**fp8, "EVEN_K": True}, "num_warps": config["num_warps"], "num_stages": config["num_stages"],
+        "divisible_by_16": ["a_ptr", "b_ptr", "c_ptr", "aux_ptr", "scale_ptr", "N", "K", "stride_am", "stride_bn",
+                            "stride_cm", "stride_auxm"]})
     # The alternative schedule of the sweep: warp-specialized (a TMA producer warp), unflattened.
     base = next(spec for spec in specs if spec["kernel"] == "_gemm_nt_tma_kernel"
                 and spec["constexprs"]["EPILOGUE"] == 2 and spec["signature"]["M"] == "i32")  # bf16 comes first
@@ -354,8 +508,12 @@ def test_every_kernel_compiles_for_sm90_with_wgmma():
         if spec["constexprs"]["DOT_PRECISION"] == "ieee":
             continue  # exact fp32 dots are FMA loops by design: no tensor-core instruction to find
         assert "wgmma.mma_async" in ptx, spec  # Hopper warpgroup MMA, not the mma.sync fallback
+        if "fp8e4nv" in json.dumps(spec):  # relu2_mlp_fp8: the MMA takes e4m3 operands, not upcast ones
+            assert re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx), spec
         if spec["kernel"] == "_gemm_nt_tma_kernel":
             assert "cp.async.bulk.tensor" in ptx, spec  # TMA loads/stores
+            # The dpre epilogue's aux tile is prefetched into L2 before the K loop (issue 18).
+            assert ("prefetch.global.L2" in ptx) == (spec["constexprs"]["EPILOGUE"] == mlp.EPI_RELU2_BWD), spec
         else:
             # 16-byte asynchronous global -> shared copies (cp.async, size operand 0x10)
             assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx), spec
@@ -396,6 +554,16 @@ def test_gpu_bf16_gemm_variants(variant, epilogue):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lead,d,h", [((4, 1024 + 17), 768, 3072), ((77,), 45, 83)])
+def test_gpu_bf16_relu2_mlp_fp8_matches_float64(lead, d, h):
+    # CPU twin: test_triton_relu2_mlp_fp8_matches_float64 (fp16/fp32 in the interpreter).
+    inputs = mlp_inputs(lead, d, h, dtype=torch.bfloat16, device="cuda")
+    result = fwd_bwd(kernels.relu2_mlp_fp8, "relu2_mlp", inputs)
+    for name, got, want in zip(["out", "grad0", "grad1", "grad2"], result, fp8_oracle(inputs)):
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < TOL[torch.bfloat16], name
+
+
+@pytest.mark.gpu
 def test_gpu_auto_picks_tma_for_the_speedrun_shapes():
     x, w_fc, w_proj = mlp_inputs((2, 64), 768, 3072, dtype=torch.bfloat16, device="cuda")
     expected = "tma" if mlp.tma_available(x.device) else "pointer"
@@ -404,10 +572,12 @@ def test_gpu_auto_picks_tma_for_the_speedrun_shapes():
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_model_mlp_with_inductor():
+@pytest.mark.parametrize("op", ["relu2_mlp", "relu2_mlp_fp8"])
+def test_gpu_compiled_model_mlp_with_inductor(op):
+    # CPU twins: the aot_eager compile tests above (the same custom ops traced).
     inputs = mlp_inputs((2, 512), 768, 3072, dtype=torch.bfloat16, device="cuda")
-    compiled = torch.compile(kernels.relu2_mlp, fullgraph=True)
-    assert_identical(fwd_bwd(compiled, "relu2_mlp", inputs), fwd_bwd(kernels.relu2_mlp, "relu2_mlp", inputs))
+    compiled = torch.compile(getattr(kernels, op), fullgraph=True)
+    assert_identical(fwd_bwd(compiled, "relu2_mlp", inputs), fwd_bwd(getattr(kernels, op), "relu2_mlp", inputs))
 
 
 # ---- bench/bench_relu2_mlp.py: the parts that run without a GPU ---------------------------
@@ -459,12 +629,13 @@ def test_bench_run_shape_checks_times_and_records(tmp_path, monkeypatch):
         assert entries[mode, "missing"].error == "triton is not installed"
 
 
-def test_bench_without_gpu_exits_0():
+@pytest.mark.parametrize("mode", [[], ["--dw"]])
+def test_bench_without_gpu_exits_0(mode):
     import os
     import subprocess
     import sys
     from bench import harness
-    done = subprocess.run([sys.executable, "-m", "bench.bench_relu2_mlp", "--quick"], cwd=harness.REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "bench.bench_relu2_mlp", "--quick", *mode], cwd=harness.REPO_ROOT,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -489,3 +660,72 @@ def test_bench_sweep_records_every_product_and_config(tmp_path, monkeypatch):
         assert entry.work == {"flops": 2 * 37 * 48 * 80}
         if entry.impl.startswith("torch"):
             assert entry.checks["ok"] and entry.checks["rel_err"] == 0.0
+
+
+def test_bench_dw_split_k_against_cublas(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp_dw", title="t", out_root=tmp_path,
+                           metadata={"device_slug": "fake"}, ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    b.run_dw(run, m=40, d=48, h=80, timer=lambda step: (step(), 1.0)[1], device="cpu", splits=(2, 8, 3))
+    assert len(run.entries) == 2 * 4
+    assert {e.params["product"] for e in run.entries} == {"dW2 = g^T h", "dW1 = dpre^T x"}
+    for entry in run.entries:
+        assert entry.work == {"flops": 2 * 40 * 48 * 80}
+        assert (entry.error is None) == ("split-K 3 " not in entry.impl), entry  # 40 % 3: refused, recorded
+        if entry.error is None:
+            assert entry.checks["ok"] and entry.checks["rel_err"] < 1e-2, entry
+    a, g = torch.randn(40, 48), torch.randn(40, 80)
+    assert rel_err(b.split_k_tn(a, g, 4), a.double().T @ g.double()) < 1e-6
+    assert b.parse_args(["--dw"]).dw and not b.parse_args([]).dw
+    with pytest.raises(SystemExit):
+        b.parse_args(["--dw", "--sweep"])
+
+
+# ---- the GPT trainer's switch: --kernels mlp=ours-fp8 ----------------------------------------
+
+def test_gpt_trainer_runs_the_fp8_mlp_in_training_and_bf16_in_validation(tmp_path, monkeypatch, capsys):
+    from speedrun.gpt import train
+    from tests.test_gpt import TINY
+    calls = {"relu2_mlp_fp8": 0, "relu2_mlp": 0}
+
+    def counted(name):
+        original = getattr(kernels, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counted(name))
+    run_dir = tmp_path / "run"
+    assert train.main(["--preset", "smoke", *TINY, "--run-dir", str(run_dir), "--kernels", "mlp=ours-fp8",
+                       "--steps", "2", "--val-every", "2"]) == 0
+    assert "mlp=ours-fp8 (other)" in (run_dir / "log.txt").read_text()
+    layers = 4
+    # every training step runs all layers' MLPs in fp8; the validations (steps 0 and 2) in bf16
+    assert calls["relu2_mlp_fp8"] >= 2 * layers and calls["relu2_mlp"] >= 2 * layers
+    assert train.main(["--preset", "smoke", *TINY, "--run-dir", str(tmp_path / "bad"), "--kernels", "mlp=fp8"]) != 0
+    assert "mlp can be ours, torch, ours-fp8" in capsys.readouterr().err
+
+
+def test_bench_checks_ours_fp8_with_the_e4m3_tolerance(tmp_path, monkeypatch):
+    from bench import bench_relu2_mlp as b
+    from bench import harness
+
+    def off_by_5_percent(x, w_fc, w_proj):  # an e4m3-sized difference from eager
+        return b.record_mlp(x, w_fc, w_proj) * 1.05
+
+    monkeypatch.setattr(b, "mlp_functions", lambda impls: {impl: off_by_5_percent for impl in impls})
+    ceilings = {harness.BF16_MATMUL: harness.Ceiling("bf16 matmul", harness.TFLOPS, 800.0)}
+    run = harness.BenchRun("relu2_mlp", title="t", out_root=tmp_path, metadata={"device_slug": "fake"},
+                           ceilings=ceilings)
+    monkeypatch.setattr(harness, "render_png", lambda data, path: path.write_bytes(b""))
+    b.run_shape(run, m=37, d=48, h=80, modes=("fwd",), impls=["ours-fp8", "ours-triton"],
+                timer=lambda step: (step(), 1.0)[1], device="cpu")
+    ok = {e.impl: e.checks["ok"] for e in run.entries}
+    assert ok == {"ours-fp8": True, "ours-triton": False}
+    assert "ours-fp8" in b.IMPLEMENTATIONS and b.FP8_TOL == 2 * 2.0 ** -4

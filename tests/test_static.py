@@ -159,3 +159,48 @@ def test_fp8_head_row_stats_epilogue_keeps_two_ctas_per_sm_without_spills():
     assert stats["registers"] <= 128 and stats["spill_bytes"] == 0 and stats["local_accesses"] == 0
     assert stats["ctas_per_sm"] == plain["ctas_per_sm"] == 2
     assert stats["mma"] == plain["mma"]  # the mainloop is unchanged
+
+
+# ---- relu2_mlp (issue 18 item 3; bench/NOTES.md ## relu2_mlp) ------------------------------
+
+def _relu2_mlp_record(suffix: str) -> dict:
+    return next(k for k in _records()["relu2_mlp"]["kernels"] if k["name"].endswith(suffix))
+
+
+def test_relu2_mlp_forward_has_4_stages_and_dpre_3_within_shared_memory():
+    # 4 x 48 KiB of A/B stages + the 32 KiB store buffer fit the 227 KiB of one CTA; the
+    # dpre kernel's aux half tile (32 KiB more) would not, so it keeps 3 stages.
+    forward, dpre = _relu2_mlp_record("(h = relu(x W1^T)^2)"), _relu2_mlp_record("(dpre)")
+    assert forward["specialization"]["num_stages"] == 4 and dpre["specialization"]["num_stages"] == 3
+    for kernel in (forward, dpre):
+        assert kernel["smem_bytes"] <= 227 * 1024 and kernel["ctas_per_sm"] == 1, kernel["name"]
+        assert kernel["spill_bytes"] == 0 and kernel["local_accesses"] == 0 and kernel["registers"] <= 255
+
+
+def test_relu2_mlp_fp8_forward_is_an_e4m3_wgmma_kernel_like_the_bf16_one():
+    fp8, bf16 = _relu2_mlp_record("(fp8 h = relu(s x8 W1_8^T)^2)"), _relu2_mlp_record("(h = relu(x W1^T)^2)")
+    assert list(fp8["mma"]) == ["QGMMA.64x256x32.F32.E4M3.E4M3"]  # fp8 operands straight into wgmma
+    assert fp8["specialization"]["num_stages"] == 4 and fp8["smem_bytes"] == bf16["smem_bytes"]
+    assert fp8["spill_bytes"] == 0 and fp8["registers"] <= 255
+
+
+def test_relu2_mlp_dpre_prefetches_the_aux_tile_before_the_epilogue_wait():
+    # The aux (h) tile's DRAM read must start under the K loop, not after it: in the main
+    # (flattened tile x K) loop, every L2 prefetch (CCTL.E.PF2) comes before the wgmma
+    # wait-for-all that opens the epilogue, which comes before the aux tile's TMA load.
+    from bench.static import build, families, sass
+    kernel = next(k for k in families.relu2_mlp().kernels if k.name.endswith("(dpre)"))
+    (cubin, meta), = build.triton_cubins([kernel.spec])
+    instrs = sass.sass(str(cubin))[meta["name"]]
+    last_exit = max(i.addr for i in sass.code(instrs) if i.base == "EXIT")
+    # Loops that close after the last EXIT are the mbarrier try-wait retries placed at the end.
+    main = [span for span in sass.loops(instrs) if span[1] < last_exit
+            and any(i.base == "HGMMA" for i in sass.within(instrs, span))]
+    assert len(main) == 1, main
+    body = sass.within(instrs, main[0])
+    prefetches = [i.addr for i in body if i.op == "CCTL.E.PF2"]
+    epilogue_wait = min(i.addr for i in body if i.op.startswith("WARPGROUP.DEPBAR") and i.operands[-1] == "0x0")
+    aux_load = min(i.addr for i in body if i.base == "UTMALDG" and i.addr > epilogue_wait)
+    assert len(prefetches) == 128 * 256 * 2 // 128 // 256  # one per 128-byte line, 2 per thread
+    assert max(prefetches) < epilogue_wait < aux_load
+    assert sass.resources(str(cubin))[meta["name"]]["local_bytes"] == 0

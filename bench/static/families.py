@@ -264,21 +264,28 @@ def relu2_mlp() -> Op:
     config = mlp.kernel_config(torch.bfloat16, torch.device("cuda"))
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
 
-    def tma(epilogue: int, n: int, k: int) -> dict:
+    def tma(epilogue: int, n: int, k: int, operands: torch.dtype = torch.bfloat16) -> dict:
+        cfg = mlp.kernel_config(operands, torch.device("cuda"), epilogue)
+        bk = cfg["BLOCK_K"]
+        kind = "fp8e4nv" if operands == mlp.FP8 else "bf16"
         programs = min(132, triton.cdiv(m, bm) * triton.cdiv(n, bn))
-        return {"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "num_warps": config["num_warps"],
-                "num_stages": config["num_stages"],
-                "args": {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+        return {"module": "kernels.relu2_mlp", "kernel": "_gemm_nt_tma_kernel", "num_warps": cfg["num_warps"],
+                "num_stages": cfg["num_stages"],
+                "args": {"a_desc": f"tensordesc<{kind}[{bm}, {bk}]>", "b_desc": f"tensordesc<{kind}[{bn}, {bk}]>",
                          "c_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>",
-                         "aux_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "M": m, "N": n, "K": k,
+                         "aux_desc": f"tensordesc<bf16[{bm}, {bn // 2}]>", "aux_ptr": "*bf16", "scale_ptr": "*fp32",
+                         "stride_auxm": n, "M": m, "N": n, "K": k, "HAS_SCALE": operands == mlp.FP8,
                          "EPILOGUE": epilogue, "WARP_SPECIALIZE": config["WARP_SPECIALIZE"],
+                         "PREFETCH_AUX": epilogue == mlp.EPI_RELU2_BWD,
                          "DOT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                          "GROUP_M": config["GROUP_M"], "NUM_PROGRAMS": programs, "FLATTEN": config["FLATTEN"]}}
 
     pointer = tma(mlp.EPI_RELU2, H, D)
     pointer = {**pointer, "kernel": "_gemm_nt_pointer_kernel", "args": {
-        **{k: v for k, v in pointer["args"].items() if not k.endswith("_desc") and k != "WARP_SPECIALIZE"},
-        "a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "aux_ptr": "*bf16", "stride_am": D, "stride_bn": D,
+        **{k: v for k, v in pointer["args"].items()
+           if not k.endswith("_desc") and k not in ("WARP_SPECIALIZE", "PREFETCH_AUX")},
+        "a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "aux_ptr": "*bf16", "scale_ptr": "*fp32",
+        "stride_am": D, "stride_bn": D,
         "stride_cm": H, "stride_auxm": H, "EVEN_K": D % bk == 0}}
     programs = min(132, triton.cdiv(m, bm) * triton.cdiv(H, bn))
     return Op("relu2_mlp", f"M={m}, D={D}, H={H}, bf16, forward+backward (6 products)",
@@ -292,6 +299,9 @@ def relu2_mlp() -> Op:
                runs_in_speedrun=False),
         Kernel("triton _gemm_nt_pointer_kernel (h)", "fallback without TMA (misaligned operands)", "triton",
                ctas=programs, spec=pointer, runs_in_speedrun=False),
+        Kernel("triton _gemm_nt_tma_kernel (fp8 h = relu(s x8 W1_8^T)^2)",
+               "relu2_mlp_fp8's forward (--kernels mlp=ours-fp8): e4m3 operands, per-tensor dequant scale",
+               "triton", ctas=programs, spec=tma(mlp.EPI_RELU2, H, D, mlp.FP8), runs_in_speedrun=False),
     ], notes=["bytes: every product is compute-bound (>= 600 FLOP/B, bench/NOTES.md), so no memory floor is "
               "given; FLOPs of all six products, two of which (dW1, dW2) run on cuBLAS"])
 

@@ -14,6 +14,9 @@ baseline.py), chosen per family by the trainer's `--kernels` (speedrun/ablation.
              flex: FlexAttention with the record's BlockMask (window in whole 128-token blocks;
                    without torch.compile a dense mask read off that BlockMask, see baseline.py)
   mlp        ours: kernels.relu2_mlp       torch: F.linear / relu^2 / F.linear
+             ours-fp8: kernels.relu2_mlp_fp8 in training (the first product in e4m3 with
+                   amax/448 per-tensor scales, as the current modded-nanogpt record's FP8
+                   MLP forward), kernels.relu2_mlp in eval (validation stays bf16)
   head       ours: kernels.linear_softcap_cross_entropy
              torch: torch._scaled_mm FP8 head, then 30*sigmoid(z/7.5) and F.cross_entropy
 (Newton-Schulz belongs to the optimizer: speedrun/optim.py.)
@@ -34,7 +37,7 @@ EOT = 50256  # GPT-2's <|endoftext|>: every document starts after one
 ATTENTION_WINDOWS = ("blocks", "exact")
 FAMILIES = {  # family -> (ours, the record's, other choices)
     "attention": ("ours", "flex"),
-    "mlp": ("ours", "torch"),
+    "mlp": ("ours", "torch", "ours-fp8"),
     "head": ("ours", "torch"),
 }
 
@@ -157,6 +160,8 @@ class MLP(nn.Module):
             w_fc, w_proj = self.fc.type_as(x), self.proj.type_as(x)
             if kernel_choice == "torch":
                 return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
+            if kernel_choice == "ours-fp8" and self.training:
+                return kernels.relu2_mlp_fp8(x, w_fc, w_proj)
             return kernels.relu2_mlp(x, w_fc, w_proj)
 
 

@@ -87,7 +87,10 @@ class TrainConfig:
     # implementation
     kernels: str = option("auto", "implementation per op family: auto (ours), off (the record's torch.compile/"
                                   "FlexAttention/_scaled_mm path), or e.g. attention=flex,mlp=ours; families: "
-                                  + ", ".join(f"{f} ({'/'.join(c)})" for f, c in FAMILIES.items()))
+                                  + ", ".join(f"{f} ({'/'.join(c)})" for f, c in FAMILIES.items())
+                                  + "; mlp=ours-fp8: the MLP's first product in e4m3 with amax/448 per-tensor "
+                                    "scales in training, the FP8 MLP forward of the current modded-nanogpt record "
+                                    "(not the 2025-01-26 one this trainer follows otherwise)")
     compile: str = option("auto", "torch.compile the model: auto (on CUDA), on, off")
     device: str = option("auto", "auto (CUDA if available), cuda, cpu")
     seed: int = option(0, "seed for the model's initialization")
