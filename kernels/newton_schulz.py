@@ -12,10 +12,11 @@ X [M, N] (M <= N); a tall input is never transposed in memory: the kernels read 
 write it through swapped strides.  Leading dims are flattened into one batch and every
 stage is ONE launch whose grid covers batch x tiles:
 
-  1. _sumsq_kernel      per (matrix, chunk of rows) the sum of squares of dtype(G), in
-                        fp32.  The Frobenius normalization is then folded into step 1:
-                        with r = 1 / (||X0|| + eps), A = r^2 (X0 X0^T) and
-                        X1 = r (a X0 + B X0), so the normalized X0 is never written.
+  1. _sumsq_kernel      per (matrix, chunk of rows) the sum of squares of X0 = dtype(G),
+                        in fp32, and X0 itself (unless G is already in `dtype`).  The
+                        Frobenius normalization is then folded into step 1: with
+                        r = 1 / (||X0|| + eps), A = r^2 (X0 X0^T) and X1 = r (a X0 + B X0),
+                        so the normalized X0 is never written.
   per step (a, b, c):
   2. _syrk_kernel       A = X X^T.  Only the tiles on and below the diagonal are computed
                         (T(T+1)/2 of T^2); each off-diagonal tile is stored twice, as
@@ -28,9 +29,9 @@ stage is ONE launch whose grid covers batch x tiles:
 
 Matmuls take `dtype` (bf16 or fp16) operands and accumulate in fp32; each stage rounds
 its result to `dtype` once (the reference also rounds the partial products b A, c A A,
-a X, B X; the difference is well inside the iteration's own rounding noise).  Step 1
+a X, B X; the difference is well inside the iteration's own rounding noise).  The norm
 reads G itself (fp32, fp16 or bf16, any strides), converting to `dtype` on load; float64
-inputs are converted to `dtype` by torch first.
+inputs are converted to `dtype` by torch first.  Every matmul loads `dtype` operands.
 
 The interpreter's bf16 arithmetic is broken (DESIGN.md §4), so in the interpreter a bf16
 iteration carries its values in fp32 that are rounded to bf16 (round to nearest even)
@@ -98,15 +99,17 @@ def _inverse_norm(partials_ptr, matrix, n_chunks, eps, CHUNKS: tl.constexpr):
 
 
 @triton.jit
-def _sumsq_kernel(g_ptr, partials_ptr, rows, cols, stride_gb, stride_gm, stride_gn,
+def _sumsq_kernel(g_ptr, partials_ptr, copy_ptr, rows, cols, stride_gb, stride_gm, stride_gn,
                   rows_per_chunk, n_chunks,
-                  BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                  WRITE_COPY: tl.constexpr, BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partials[matrix, chunk] = sum of dtype(G)^2 over the chunk's rows (physical layout)."""
+    """partials[matrix, chunk] = sum of dtype(G)^2 over the chunk's rows (physical layout);
+    with WRITE_COPY also copy = dtype(G), contiguous [batch, rows, cols] in G's orientation."""
     pid = tl.program_id(0)
     matrix = pid // n_chunks
     chunk = pid % n_chunks
     base = g_ptr + matrix.to(tl.int64) * stride_gb
+    copy_base = copy_ptr + matrix.to(tl.int64) * rows * cols
     first_row = chunk * rows_per_chunk
     last_row = tl.minimum(first_row + rows_per_chunk, rows)
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
@@ -116,7 +119,10 @@ def _sumsq_kernel(g_ptr, partials_ptr, rows, cols, stride_gb, stride_gm, stride_
             c = col_start + tl.arange(0, BLOCK_C)
             mask = (r[:, None] < last_row) & (c[None, :] < cols)
             x = tl.load(base + r[:, None] * stride_gm + c[None, :] * stride_gn, mask=mask, other=0.0)
-            x = _as_iteration_dtype(x, BF16, EMULATE_BF16).to(tl.float32)
+            x = _as_iteration_dtype(x, BF16, EMULATE_BF16)
+            if WRITE_COPY:
+                tl.store(copy_base + r[:, None] * cols + c[None, :], x.to(copy_ptr.dtype.element_ty), mask=mask)
+            x = x.to(tl.float32)
             acc += x * x
     tl.store(partials_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
@@ -226,17 +232,24 @@ def _tile(extent: int, limit: int) -> int:
     return max(16, min(limit, triton.next_power_of_2(extent)))
 
 
-def _warps(block_m: int, block_n: int) -> int:
-    """Two warpgroups for 128x128 tiles (each a 64x128 wgmma), one below."""
-    return 8 if block_m * block_n >= 128 * 128 else 4
+def _launch(block_m: int, block_n: int) -> dict:
+    """Two warpgroups for 128x128 tiles (each a 64x128 wgmma), one below.  With two, at most
+    128 registers per thread: two 256-thread CTAs then share an SM's 64K registers (triton
+    3.6 gives the B = bA + cA^2 kernel 132 uncapped, 126 capped, without spills)."""
+    return {"num_warps": 8, "maxnreg": 128} if block_m * block_n >= 128 * 128 else {"num_warps": 4}
+
+
+# Pipeline depth of every K loop.  At 128x128x64 bf16 tiles a stage holds 32 KB of operands:
+# 3 stages (97 KB per CTA) let two CTAs share an SM's 228 KB, 4 (129 KB) allowed one
+# (bench/NOTES.md: the second CTA's epilogue and loads overlap the first's wgmma).
+_STAGES = 3
 
 
 def syrk_config(size: int, depth: int) -> dict:
     """Tiles for C [size, size] = Y Y^T over `depth`: unmeasured, see bench/NOTES.md."""
     block = _tile(size, _MAX_TILE)
     block_k = _tile(depth, _MAX_TILE_K)
-    return {"BLOCK": block, "BLOCK_K": block_k, "STAGES": 4 if block == 128 else 3,
-            "num_warps": _warps(block, block)}
+    return {"BLOCK": block, "BLOCK_K": block_k, "STAGES": _STAGES, **_launch(block, block)}
 
 
 def update_config(size: int, width: int) -> dict:
@@ -245,7 +258,7 @@ def update_config(size: int, width: int) -> dict:
     block_n = _tile(width, _MAX_TILE)
     block_k = _tile(size, _MAX_TILE_K)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "STAGES": 4 if block_m * block_n >= 128 * 128 else 3, "num_warps": _warps(block_m, block_n)}
+            "STAGES": _STAGES, **_launch(block_m, block_n)}
 
 
 def norm_chunks(rows: int) -> tuple[int, int]:
@@ -280,15 +293,15 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
     batch = G3.shape[0]
     tall = m > n
     size, width = (n, m) if tall else (m, n)
-    g_strides = G3.stride()
-    x_strides = (g_strides[0], g_strides[2], g_strides[1]) if tall else g_strides
     device = G.device
     bf16 = dtype == torch.bfloat16
     flags = {"BF16": bf16, "EMULATE_BF16": _emulate_bf16(dtype, device)}
 
+    def wide(strides):  # X [size, width] of a [batch, m, n] buffer: a tall one through swapped strides
+        return (strides[0], strides[2], strides[1]) if tall else strides
+
     out = _empty((batch, m, n), dtype, device)
-    o_strides = out.stride()
-    out_strides = (o_strides[0], o_strides[2], o_strides[1]) if tall else o_strides
+    out_strides = wide(out.stride())
     gram = _empty((batch, size, size), dtype, device)
     poly = _empty((batch, size, size), dtype, device)
     steps = len(coefficients) // 3
@@ -298,8 +311,12 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
     n_chunks, rows_per_chunk = norm_chunks(m)
     chunks_p2 = max(16, triton.next_power_of_2(n_chunks))  # one vector load; small vectors padded
     partials = _empty((batch * n_chunks,), torch.float32, device)
+    # Step 1 reads X0 = dtype(G): written here, while the norm reads G anyway, unless G is
+    # already in `dtype`.  Every matmul then loads half-precision operands; an fp32 G in
+    # the K loops would double their shared memory (1 CTA/SM) and need 206 registers.
+    copy = G3 if G3.dtype == dtype else _empty((batch, m, n), dtype, device)
     _sumsq_kernel[(batch * n_chunks,)](
-        G3, partials, m, n, *g_strides, rows_per_chunk, n_chunks,
+        G3, partials, copy, m, n, *G3.stride(), rows_per_chunk, n_chunks, WRITE_COPY=copy is not G3,
         BLOCK_R=_NORM_BLOCK_ROWS, BLOCK_C=_tile(n, 256), num_warps=4, **flags)
 
     gram_cfg = syrk_config(size, width)
@@ -312,7 +329,7 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
     tiles_n = triton.cdiv(width, upd_cfg["BLOCK_N"])
     upd_tiles = triton.cdiv(size, upd_cfg["BLOCK_M"]) * tiles_n
 
-    source, source_strides = G3, x_strides
+    source, source_strides = copy, wide(copy.stride())
     for step in range(steps):
         a, b, c = coefficients[3 * step: 3 * step + 3]
         first = step == 0

@@ -133,7 +133,8 @@ def _specialize(spec: dict):
     backend = make_backend(GPUTarget(*TARGET))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     launch_options = {"num_warps": spec.get("num_warps", 4), "debug": False,
-                      **({"num_stages": spec["num_stages"]} if "num_stages" in spec else {})}
+                      **({"num_stages": spec["num_stages"]} if "num_stages" in spec else {}),
+                      **({"maxnreg": spec["maxnreg"]} if "maxnreg" in spec else {})}
     bound, specialization, options = binder(**{name: _value(v) for name, v in args.items()}, **launch_options)
     options, signature, constexprs, attrs = fn._pack_args(backend, launch_options, bound, specialization, options)
     return fn, signature, constexprs, attrs, options

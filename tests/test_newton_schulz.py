@@ -222,7 +222,7 @@ def test_triton_writes_every_element_of_poisoned_buffers(small_tiles, monkeypatc
     monkeypatch.setattr(ns_module, "_empty", poisoned)
     G = stack(2, 35, 22, device=interpreter_device, seed=11)  # tall: the output is written transposed
     out = run_triton(G, steps=3, dtype=torch.float16)
-    assert len(made) == 6  # out, A, B, two X buffers, partials
+    assert len(made) == 7  # out, A, B, two X buffers, partials, X0 = fp16(G)
     assert_close_to_oracle(G, out, dtype=torch.float16, steps=3)
 
 
@@ -381,29 +381,29 @@ def _hopper_specs():
                     "alpha": "fp32", "beta": "fp32", "eps": "fp32", "n_chunks": "i32"}
         for depth, has_d, first in ((width, False, True), (width, False, False), (size, True, False)):
             cfg = ns_module.syrk_config(size, depth)
-            warps = cfg.pop("num_warps")
+            launch = {key: cfg.pop(key) for key in ("num_warps", "maxnreg")}
             specs.append({"module": "kernels.newton_schulz", "kernel": "_syrk_kernel", "signature": syrk_sig,
                           "constexprs": {"HAS_D": has_d, "SCALE_BY_NORM": first, "CHUNKS": 64, **flags, **cfg},
-                          "num_warps": warps,
+                          **launch,
                           "divisible_by_16": ["y_ptr", "c_ptr", "d_ptr", "size", "depth", "stride_yb",
                                               "stride_ym"]})
         cfg = ns_module.update_config(size, width)
-        warps = cfg.pop("num_warps")
+        launch = {key: cfg.pop(key) for key in ("num_warps", "maxnreg")}
         specs.append({"module": "kernels.newton_schulz", "kernel": "_update_kernel", "signature": {
             "b_ptr": f"*{half}", "x_ptr": f"*{half}", "out_ptr": f"*{half}", "partials_ptr": "*fp32",
             "size": "i32", "width": "i32", "tiles_n": "i32", "tiles_per_matrix": "i32",
             "stride_xb": "i64", "stride_xm": "i32", "stride_xn": "i32",
             "stride_ob": "i64", "stride_om": "i32", "stride_on": "i32",
             "a_coef": "fp32", "eps": "fp32", "n_chunks": "i32"},
-            "constexprs": {"SCALE_BY_NORM": False, "CHUNKS": 64, **flags, **cfg}, "num_warps": warps,
+            "constexprs": {"SCALE_BY_NORM": False, "CHUNKS": 64, **flags, **cfg}, **launch,
             "divisible_by_16": ["b_ptr", "x_ptr", "out_ptr", "size", "width", "stride_xb", "stride_xm",
                                 "stride_ob", "stride_om"]})
         specs.append({"module": "kernels.newton_schulz", "kernel": "_sumsq_kernel", "signature": {
-            "g_ptr": f"*{half}", "partials_ptr": "*fp32", "rows": "i32", "cols": "i32",
+            "g_ptr": "*fp32", "partials_ptr": "*fp32", "copy_ptr": f"*{half}", "rows": "i32", "cols": "i32",
             "stride_gb": "i64", "stride_gm": "i32", "stride_gn": "i32", "rows_per_chunk": "i32",
             "n_chunks": "i32"},
-            "constexprs": {**flags, "BLOCK_R": ns_module._NORM_BLOCK_ROWS, "BLOCK_C": 256}, "num_warps": 4,
-            "divisible_by_16": ["g_ptr", "cols", "stride_gm"]})
+            "constexprs": {"WRITE_COPY": True, **flags, "BLOCK_R": ns_module._NORM_BLOCK_ROWS, "BLOCK_C": 256},
+            "num_warps": 4, "divisible_by_16": ["g_ptr", "copy_ptr", "cols", "stride_gm"]})
     return specs
 
 
