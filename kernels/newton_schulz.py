@@ -9,8 +9,10 @@ Public op (contract below and in DESIGN.md §2.3; the spec is
 
 How the Triton path works.  Per matrix the iteration runs on the wide orientation
 X [M, N] (M <= N); a tall input is never transposed in memory: the kernels read and
-write it through swapped strides.  Leading dims are flattened into one batch and every
-stage is ONE launch whose grid covers batch x tiles:
+write it through swapped strides.  Leading dims are flattened into one batch, run in
+passes of `chunk_of` matrices (one pass unless L2-sized passes keep every SM busy: see
+stack_chunk); in a pass every stage is ONE launch whose grid covers matrices x tiles, and
+a pass runs all steps, so its iterates, A and B stay in L2 from stage to stage:
 
   1. _sumsq_kernel      per (matrix, chunk of rows) the sum of squares of X0 = dtype(G),
                         in fp32, and X0 itself (unless G is already in `dtype`).  The
@@ -39,6 +41,8 @@ wherever the GPU path rounds: the same numbers, and the Muon step can be tested 
 CPU with Muon's default bf16.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -268,9 +272,59 @@ def norm_chunks(rows: int) -> tuple[int, int]:
     return triton.cdiv(rows, rows_per_chunk), rows_per_chunk
 
 
-def launches(steps: int) -> int:
-    """Kernel launches per call, whatever the batch: the norm, then 3 per step."""
-    return 1 + 3 * steps
+# L2 chunking (bench/NOTES.md, issue 18): the stack runs in passes of `chunk` matrices, each
+# pass all steps, so a pass's X pair, A and B stay in L2 from stage to stage and step to
+# step.  The share of L2 they may fill: the rest holds G's and the output's lines streaming
+# through, and what the other half of the L2 (two partitions on H100) duplicates.
+_L2_SHARE = 0.75
+# Without a CUDA device (the interpreter) the H100's L2 and SM count decide, as on the GPU.
+_H100_L2_BYTES = 50 * 2 ** 20
+_H100_SMS = 132
+# Matrices per pass when set (the bench's --chunk, tests); None: stack_chunk's choice.
+_CHUNK = None
+
+
+def stack_chunk(batch: int, size: int, width: int, *, l2_bytes: int, sms: int, itemsize: int = 2) -> int:
+    """Matrices per pass over a [batch, size, width] stack (size <= width): `batch` (one pass)
+    unless L2 chunking keeps every SM busy.
+
+    A matrix's working set is its X pair, A and B: itemsize * (2 size width + 2 size^2) bytes,
+    and a pass holds as many as fit in _L2_SHARE of the L2.  A pass also needs one Gram
+    CTA per SM (the Gram launch has the fewest tiles); where the L2 fits fewer matrices than
+    that, idle SMs would cost more than the DRAM traffic saved, and the stack runs in one
+    pass.  Passes are balanced: 33 matrices that fit 8 at a time run as 5 passes of 6-7,
+    not 4 of 8 and one of 1.
+    """
+    per_matrix = itemsize * (2 * size * width + 2 * size * size)
+    fit = int(_L2_SHARE * l2_bytes) // per_matrix
+    side = triton.cdiv(size, syrk_config(size, width)["BLOCK"])
+    needed = triton.cdiv(sms, side * (side + 1) // 2)
+    if fit >= batch or fit < needed:
+        return batch
+    passes = triton.cdiv(batch, fit)
+    return triton.cdiv(batch, passes)
+
+
+def _device_limits(device: torch.device) -> dict:
+    """l2_bytes and sms of `device` (the H100's off CUDA)."""
+    if device.type != "cuda":
+        return {"l2_bytes": _H100_L2_BYTES, "sms": _H100_SMS}
+    props = torch.cuda.get_device_properties(device)
+    return {"l2_bytes": props.L2_cache_size, "sms": props.multi_processor_count}
+
+
+def chunk_of(shape, device: torch.device) -> int:
+    """Matrices per pass for a stack G of `shape` [..., m, n] on `device`."""
+    batch = math.prod(shape[:-2])
+    size, width = sorted(shape[-2:])
+    if _CHUNK is not None:
+        return min(_CHUNK, batch)
+    return stack_chunk(batch, size, width, **_device_limits(device))
+
+
+def launches(steps: int, passes: int = 1) -> int:
+    """Kernel launches per call: per pass over the stack, the norm, then 3 per step."""
+    return passes * (1 + 3 * steps)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -301,23 +355,24 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
         return (strides[0], strides[2], strides[1]) if tall else strides
 
     out = _empty((batch, m, n), dtype, device)
-    out_strides = wide(out.stride())
-    gram = _empty((batch, size, size), dtype, device)
-    poly = _empty((batch, size, size), dtype, device)
     steps = len(coefficients) // 3
-    work = [_empty((batch, size, width), dtype, device)
-            for _ in range(min(2, steps - 1))]
+    chunk = chunk_of(G3.shape, device)
+    # Buffers for one pass of `chunk` matrices, reused by every pass (so a pass finds them in L2).
+    gram = _empty((chunk, size, size), dtype, device)
+    poly = _empty((chunk, size, size), dtype, device)
+    # The iterates X0 .. X_steps: X0 = dtype(G) is written by the norm kernel unless G is
+    # already in `dtype` (every matmul then loads half-precision operands; an fp32 G in the
+    # K loops would double their shared memory and need 206 registers); X_k (0 < k < steps)
+    # lives in pair[k % 2], X0 in pair[0]; the last step writes `out`.
+    write_copy = G3.dtype != dtype
+    used = {1} if steps >= 2 else set()
+    if write_copy or steps >= 3:
+        used.add(0)
+    pair = {index: _empty((chunk, size, width), dtype, device) for index in sorted(used)}
 
     n_chunks, rows_per_chunk = norm_chunks(m)
     chunks_p2 = max(16, triton.next_power_of_2(n_chunks))  # one vector load; small vectors padded
-    partials = _empty((batch * n_chunks,), torch.float32, device)
-    # Step 1 reads X0 = dtype(G): written here, while the norm reads G anyway, unless G is
-    # already in `dtype`.  Every matmul then loads half-precision operands; an fp32 G in
-    # the K loops would double their shared memory (1 CTA/SM) and need 206 registers.
-    copy = G3 if G3.dtype == dtype else _empty((batch, m, n), dtype, device)
-    _sumsq_kernel[(batch * n_chunks,)](
-        G3, partials, copy, m, n, *G3.stride(), rows_per_chunk, n_chunks, WRITE_COPY=copy is not G3,
-        BLOCK_R=_NORM_BLOCK_ROWS, BLOCK_C=_tile(n, 256), num_warps=4, **flags)
+    partials = _empty((chunk * n_chunks,), torch.float32, device)
 
     gram_cfg = syrk_config(size, width)
     poly_cfg = syrk_config(size, size)
@@ -329,26 +384,36 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
     tiles_n = triton.cdiv(width, upd_cfg["BLOCK_N"])
     upd_tiles = triton.cdiv(size, upd_cfg["BLOCK_M"]) * tiles_n
 
-    source, source_strides = copy, wide(copy.stride())
-    for step in range(steps):
-        a, b, c = coefficients[3 * step: 3 * step + 3]
-        first = step == 0
-        norm_args = dict(SCALE_BY_NORM=first, CHUNKS=chunks_p2)
-        _syrk_kernel[(batch * gram_tiles,)](
-            source, gram, gram, partials, size, width, gram_tiles, *source_strides,
-            1.0, 0.0, eps, n_chunks, HAS_D=False, **norm_args, **flags, **gram_cfg)
-        _syrk_kernel[(batch * poly_tiles,)](
-            gram, poly, gram, partials, size, size, poly_tiles, size * size, size, 1,
-            c, b, eps, n_chunks, HAS_D=True, SCALE_BY_NORM=False, CHUNKS=chunks_p2, **flags, **poly_cfg)
-        if step == steps - 1:
-            target, target_strides = out, out_strides
-        else:
-            target = work[step % 2]
-            target_strides = target.stride()
-        _update_kernel[(batch * upd_tiles,)](
-            poly, source, target, partials, size, width, tiles_n, upd_tiles,
-            *source_strides, *target_strides, a, eps, n_chunks, **norm_args, **flags, **upd_cfg)
-        source, source_strides = target, target_strides
+    passes = triton.cdiv(batch, chunk)
+    for index in range(passes):  # balanced: the passes' sizes differ by at most 1
+        first_matrix = index * batch // passes
+        count = (index + 1) * batch // passes - first_matrix
+        G_pass = G3[first_matrix:first_matrix + count]
+        x0 = pair[0][:count].view(count, m, n) if write_copy else G_pass
+        _sumsq_kernel[(count * n_chunks,)](
+            G_pass, partials, x0, m, n, *G_pass.stride(), rows_per_chunk, n_chunks, WRITE_COPY=write_copy,
+            BLOCK_R=_NORM_BLOCK_ROWS, BLOCK_C=_tile(n, 256), num_warps=4, **flags)
+        source, source_strides = x0, wide(x0.stride())
+        for step in range(steps):
+            a, b, c = coefficients[3 * step: 3 * step + 3]
+            first = step == 0
+            norm_args = dict(SCALE_BY_NORM=first, CHUNKS=chunks_p2)
+            _syrk_kernel[(count * gram_tiles,)](
+                source, gram, gram, partials, size, width, gram_tiles, *source_strides,
+                1.0, 0.0, eps, n_chunks, HAS_D=False, **norm_args, **flags, **gram_cfg)
+            _syrk_kernel[(count * poly_tiles,)](
+                gram, poly, gram, partials, size, size, poly_tiles, size * size, size, 1,
+                c, b, eps, n_chunks, HAS_D=True, SCALE_BY_NORM=False, CHUNKS=chunks_p2, **flags, **poly_cfg)
+            if step == steps - 1:
+                target = out[first_matrix:first_matrix + count]
+                target_strides = wide(target.stride())
+            else:
+                target = pair[(step + 1) % 2][:count]
+                target_strides = target.stride()
+            _update_kernel[(count * upd_tiles,)](
+                poly, source, target, partials, size, width, tiles_n, upd_tiles,
+                *source_strides, *target_strides, a, eps, n_chunks, **norm_args, **flags, **upd_cfg)
+            source, source_strides = target, target_strides
     return out.reshape(shape)
 
 
@@ -439,8 +504,9 @@ def newton_schulz(G: torch.Tensor, *, steps: int = 5,
         directions whose singular value in G is tiny relative to ||G||_F.
 
     Backends: "triton" (CUDA tensors under "auto"; CPU tensors under "triton" with
-    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per call whatever the batch size:
-    the symmetric Gram matrix and A A computed on one triangle of tiles and mirrored, the
+    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per pass over the stack (one pass,
+    or L2-sized passes of the 768x768 stacks on an H100: 5 for 33 matrices), whatever the
+    batch size: the symmetric Gram matrix and A A computed on one triangle of tiles and mirrored, the
     norm folded into step 1, tall matrices read and written through swapped strides.  It
     rounds once per stage (the reference rounds each partial product too) and takes the
     norm in fp32.  "reference" (CPU tensors under "auto") is kernels.reference.  Only the

@@ -222,7 +222,7 @@ def test_triton_writes_every_element_of_poisoned_buffers(small_tiles, monkeypatc
     monkeypatch.setattr(ns_module, "_empty", poisoned)
     G = stack(2, 35, 22, device=interpreter_device, seed=11)  # tall: the output is written transposed
     out = run_triton(G, steps=3, dtype=torch.float16)
-    assert len(made) == 7  # out, A, B, two X buffers, partials, X0 = fp16(G)
+    assert len(made) == 6  # out, A, B, the X pair (X0 = fp16(G) in one of them), partials
     assert_close_to_oracle(G, out, dtype=torch.float16, steps=3)
 
 
@@ -255,6 +255,72 @@ def test_one_launch_per_stage_whatever_the_batch(small_tiles, monkeypatch, inter
     # 17 rows in 16-wide tiles: 2 per side, 3 on one triangle (not 4), for each of 6 matrices.
     assert launched[1][1] == (6 * 3,)
     assert launched[3][1] == (6 * 2 * 2,)  # the update: [17, 21] in 16x16 tiles
+
+
+# ---- L2-sized passes over the stack (bench/NOTES.md, issue 18) ------------------------------
+
+H100 = {"l2_bytes": 50 * 2 ** 20, "sms": 132}
+
+
+def test_stack_chunk_at_the_gpt_shapes():
+    # 768^2: X pair, A, B = 4 x 1.18 MB per matrix; 0.75 x 50 MiB holds 8, and 8 matrices give
+    # the Gram 168 >= 132 CTAs (21 tiles each): 33 matrices run as 5 balanced passes of <= 7.
+    assert ns_module.stack_chunk(33, 768, 768, **H100) == 7
+    assert ns_module.stack_chunk(11, 768, 768, **H100) == 6
+    # 768 x 3072: 11.8 MB per matrix, 3 fit, but 3 x 21 Gram CTAs leave half the SMs idle.
+    assert ns_module.stack_chunk(12, 768, 3072, **H100) == 12
+    # A stack that fits whole runs in one pass; fp32 iterates would halve the fit.
+    assert ns_module.stack_chunk(8, 768, 768, **H100) == 8
+    assert ns_module.stack_chunk(33, 768, 768, **H100, itemsize=4) == 33
+
+
+def test_stack_chunk_follows_l2_size_and_sm_count():
+    # 100 matrices 64 x 64 (one 64-wide Gram tile each, 32 KB working set in fp16).
+    per_matrix = 2 * (2 * 64 * 64 + 2 * 64 * 64)
+    l2 = int(10 * per_matrix / ns_module._L2_SHARE) + 1  # room for exactly 10
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=4) == 10
+    assert ns_module.stack_chunk(81, 64, 64, l2_bytes=l2, sms=4) == 9  # 9 passes of 9, not 8 of 10 and 1
+    assert ns_module.stack_chunk(91, 64, 64, l2_bytes=l2, sms=4) == 10  # 10 passes of 9-10
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=10) == 10
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=11) == 100  # 10 would idle an SM
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=per_matrix, sms=1) == 100  # nothing fits
+
+
+def test_chunk_of_reads_the_device_or_the_forced_chunk(monkeypatch):
+    assert ns_module.chunk_of((11, 3, 768, 768), torch.device("cpu")) == 7  # the H100's limits off CUDA
+    assert ns_module.chunk_of((12, 3072, 768), torch.device("cpu")) == 12
+    monkeypatch.setattr(ns_module, "_CHUNK", 2)
+    assert ns_module.chunk_of((11, 3, 768, 768), torch.device("cpu")) == 2
+    assert ns_module.chunk_of((1, 768, 768), torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("input_dtype,shape", [(torch.float32, (5, 35, 22)), (torch.float16, (2, 3, 19, 26))])
+def test_triton_passes_over_the_stack_match_one_pass_exactly(input_dtype, shape, small_tiles, monkeypatch,
+                                                             interpreter_device):
+    # Forced passes of <= 2 matrices (5 or 6 as 1-2-2 or 2-2-2), buffers poisoned with NaN: each pass
+    # must compute exactly what one pass over the whole stack does, matrix by matrix.  fp32
+    # input: X0 = fp16(G) written per pass into the X pair; fp16 input: step 1 reads G.
+    launched = []
+    real_empty = ns_module._empty
+    monkeypatch.setattr(ns_module, "_empty", lambda shape, dtype, device: real_empty(shape, dtype, device).fill_(
+        float("nan")))
+    G = stack(*shape, dtype=input_dtype, device=interpreter_device, seed=13)
+    whole = run_triton(G, steps=3, dtype=torch.float16)
+    monkeypatch.setattr(ns_module, "_CHUNK", 2)
+    real_update = ns_module._update_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real_update[grid]
+
+    monkeypatch.setattr(ns_module, "_update_kernel", Counting())
+    passes = run_triton(G, steps=3, dtype=torch.float16)
+    batch = math.prod(shape[:-2])
+    assert len(launched) == 3 * math.ceil(batch / 2)
+    assert torch.equal(passes, whole)
+    assert_close_to_oracle(G.to(torch.float16) if input_dtype == torch.float16 else G, passes,
+                           dtype=torch.float16, steps=3)
 
 
 # ---- routing -----------------------------------------------------------------------------

@@ -215,11 +215,18 @@ def newton_schulz() -> Op:
         return batch * side * (side + 1) // 2
 
     upd_ctas = batch * triton.cdiv(size, upd["BLOCK_M"]) * triton.cdiv(width, upd["BLOCK_N"])
-    # DRAM bytes per step and matrix (bench/NOTES.md): 2 B x (3MN + 4M^2), plus the fp32 G read
-    # and its bf16 copy X0 written once.
-    matrices = bench.matrices_of(groups)
-    step_bytes = sum(2 * (3 * min(r, c) * max(r, c) + 4 * min(r, c) ** 2) for r, c in matrices)
-    g_bytes = sum((4 + 2) * r * c for r, c in matrices)
+    # DRAM bytes per matrix (bench/NOTES.md): the fp32 G read and the bf16 output written; in a
+    # stack that runs in one pass also X0 written and, per step, 2 B x (3MN + 4M^2); a stack in
+    # L2-sized passes (the 768^2 ones on an H100) keeps X0, the iterates, A and B in L2.
+    # (X0's write and the output's are the same 2 B: the last step's X' write is the output.)
+    step_bytes = g_bytes = 0
+    for shape in groups:
+        matrices = bench.matrices_of([shape])
+        one_pass = ns.chunk_of(shape, torch.device("cpu")) == len(matrices)
+        for r, c in matrices:
+            g_bytes += (4 + 2) * r * c
+            if one_pass:
+                step_bytes += 2 * (3 * min(r, c) * max(r, c) + 4 * min(r, c) ** 2)
     return Op("newton_schulz", "NS5 on one Muon step of the GPT (44 matrices 768x768, 24 of 768x3072), bf16; "
               f"kernels shown for the {batch}x{size}x{width} stack",
               bytes=5 * step_bytes + g_bytes, flops=bench.flops(groups, 5, symmetric=True), flop_kind="bf16",
@@ -240,7 +247,9 @@ def newton_schulz() -> Op:
         Kernel("triton _update_kernel (step 1)", "X' = aX + BX from X0, normalization folded in", "triton",
                ctas=upd_ctas, spec=update("*bf16", True)),
         Kernel("triton _update_kernel", "X' = aX + BX", "triton", ctas=upd_ctas, spec=update("*bf16", False)),
-    ], notes=["bytes: 5 steps x 2 B x (3MN + 4M^2) per matrix + the fp32 G read and X0 write (bench/NOTES.md); "
+    ], notes=["bytes: the fp32 G read and bf16 output write per matrix, + X0 and 5 steps x 2 B x (3MN + 4M^2) "
+              "where a stack runs in one pass (the 768x3072 ones; the 768^2 ones run in L2-sized passes) "
+              "(bench/NOTES.md); "
               "FLOPs: the symmetric count (one triangle of X X^T and A A)"])
 
 
