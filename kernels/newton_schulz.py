@@ -10,7 +10,7 @@ Public op (contract below and in DESIGN.md §2.3; the spec is
 How the Triton path works.  Per matrix the iteration runs on the wide orientation
 X [M, N] (M <= N); a tall input is never transposed in memory: the kernels read and
 write it through swapped strides.  Leading dims are flattened into one batch, run in
-passes of `chunk_of` matrices (one pass unless L2-sized passes keep every SM busy: see
+passes of `chunk_of` matrices (one pass unless L2-sized passes still fill the GPU: see
 stack_chunk); in a pass every stage is ONE launch whose grid covers matrices x tiles, and
 a pass runs all steps, so its iterates, A and B stay in L2 from stage to stage:
 
@@ -277,6 +277,9 @@ def norm_chunks(rows: int) -> tuple[int, int]:
 # step.  The share of L2 they may fill: the rest holds G's and the output's lines streaming
 # through, and what the other half of the L2 (two partitions on H100) duplicates.
 _L2_SHARE = 0.75
+# CTAs of the 128x128-tile kernels resident per SM (syrk_config/update_config's 3 stages
+# and 128 registers; tests/test_static.py holds it).
+_CTAS_PER_SM = 2
 # Without a CUDA device (the interpreter) the H100's L2 and SM count decide, as on the GPU.
 _H100_L2_BYTES = 50 * 2 ** 20
 _H100_SMS = 132
@@ -286,19 +289,20 @@ _CHUNK = None
 
 def stack_chunk(batch: int, size: int, width: int, *, l2_bytes: int, sms: int, itemsize: int = 2) -> int:
     """Matrices per pass over a [batch, size, width] stack (size <= width): `batch` (one pass)
-    unless L2 chunking keeps every SM busy.
+    unless L2-sized passes still fill the GPU.
 
     A matrix's working set is its X pair, A and B: itemsize * (2 size width + 2 size^2) bytes,
-    and a pass holds as many as fit in _L2_SHARE of the L2.  A pass also needs one Gram
-    CTA per SM (the Gram launch has the fewest tiles); where the L2 fits fewer matrices than
-    that, idle SMs would cost more than the DRAM traffic saved, and the stack runs in one
-    pass.  Passes are balanced: 33 matrices that fit 8 at a time run as 5 passes of 6-7,
-    not 4 of 8 and one of 1.
+    and a pass holds as many as fit in _L2_SHARE of the L2.  A pass must also fill one full
+    wave of Gram CTAs (_CTAS_PER_SM per SM; the Gram launch has the fewest tiles): a pass
+    that leaves CTA slots empty in its launches loses more than the DRAM traffic it saves
+    (bench/NOTES.md works it out for the 768^2 stacks, where an H100 fits 8 and a wave needs
+    13), and the stack runs in one pass.  Passes are balanced: 33 matrices that fit 21 at a
+    time run as 2 passes of 16-17, not 21 and 12.
     """
     per_matrix = itemsize * (2 * size * width + 2 * size * size)
     fit = int(_L2_SHARE * l2_bytes) // per_matrix
     side = triton.cdiv(size, syrk_config(size, width)["BLOCK"])
-    needed = triton.cdiv(sms, side * (side + 1) // 2)
+    needed = triton.cdiv(_CTAS_PER_SM * sms, side * (side + 1) // 2)
     if fit >= batch or fit < needed:
         return batch
     passes = triton.cdiv(batch, fit)
@@ -504,8 +508,8 @@ def newton_schulz(G: torch.Tensor, *, steps: int = 5,
         directions whose singular value in G is tiny relative to ||G||_F.
 
     Backends: "triton" (CUDA tensors under "auto"; CPU tensors under "triton" with
-    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per pass over the stack (one pass,
-    or L2-sized passes of the 768x768 stacks on an H100: 5 for 33 matrices), whatever the
+    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per pass over the stack (one pass
+    unless L2-sized passes fill the GPU: never at the GPT's shapes on an H100), whatever the
     batch size: the symmetric Gram matrix and A A computed on one triangle of tiles and mirrored, the
     norm folded into step 1, tall matrices read and written through swapped strides.  It
     rounds once per stage (the reference rounds each partial product too) and takes the

@@ -263,15 +263,18 @@ H100 = {"l2_bytes": 50 * 2 ** 20, "sms": 132}
 
 
 def test_stack_chunk_at_the_gpt_shapes():
-    # 768^2: X pair, A, B = 4 x 1.18 MB per matrix; 0.75 x 50 MiB holds 8, and 8 matrices give
-    # the Gram 168 >= 132 CTAs (21 tiles each): 33 matrices run as 5 balanced passes of <= 7.
-    assert ns_module.stack_chunk(33, 768, 768, **H100) == 7
-    assert ns_module.stack_chunk(11, 768, 768, **H100) == 6
-    # 768 x 3072: 11.8 MB per matrix, 3 fit, but 3 x 21 Gram CTAs leave half the SMs idle.
+    # 768^2: X pair, A, B = 4 x 1.18 MB per matrix; 0.75 x 50 MiB holds 8, but a full wave of
+    # Gram CTAs (2 per SM, 21 tiles per matrix) needs 13: one pass (bench/NOTES.md).
+    assert ns_module.stack_chunk(33, 768, 768, **H100) == 33
+    assert ns_module.stack_chunk(11, 768, 768, **H100) == 11
+    # 768 x 3072: 11.8 MB per matrix, 3 fit: one pass.
     assert ns_module.stack_chunk(12, 768, 3072, **H100) == 12
-    # A stack that fits whole runs in one pass; fp32 iterates would halve the fit.
-    assert ns_module.stack_chunk(8, 768, 768, **H100) == 8
-    assert ns_module.stack_chunk(33, 768, 768, **H100, itemsize=4) == 33
+    # An L2 of 126 MiB and 148 SMs: 21 fit, a wave needs 15: 33 matrices in 2 passes of 16-17.
+    larger = {"l2_bytes": 126 * 2 ** 20, "sms": 148}
+    assert ns_module.stack_chunk(33, 768, 768, **larger) == 17
+    assert ns_module.stack_chunk(21, 768, 768, **larger) == 21  # fits whole: one pass
+    assert ns_module.stack_chunk(33, 768, 768, **larger, itemsize=4) == 33  # fp32 iterates: 10 fit
+    assert ns_module.stack_chunk(12, 768, 3072, **larger) == 12  # 8 fit, 15 needed
 
 
 def test_stack_chunk_follows_l2_size_and_sm_count():
@@ -281,14 +284,18 @@ def test_stack_chunk_follows_l2_size_and_sm_count():
     assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=4) == 10
     assert ns_module.stack_chunk(81, 64, 64, l2_bytes=l2, sms=4) == 9  # 9 passes of 9, not 8 of 10 and 1
     assert ns_module.stack_chunk(91, 64, 64, l2_bytes=l2, sms=4) == 10  # 10 passes of 9-10
-    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=10) == 10
-    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=11) == 100  # 10 would idle an SM
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=5) == 10  # 10 CTAs: 2 on each of 5 SMs
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=6) == 100  # 10 would leave 2 slots empty
     assert ns_module.stack_chunk(100, 64, 64, l2_bytes=per_matrix, sms=1) == 100  # nothing fits
 
 
 def test_chunk_of_reads_the_device_or_the_forced_chunk(monkeypatch):
-    assert ns_module.chunk_of((11, 3, 768, 768), torch.device("cpu")) == 7  # the H100's limits off CUDA
-    assert ns_module.chunk_of((12, 3072, 768), torch.device("cpu")) == 12
+    # Off CUDA the H100's limits decide: 33 x 768^2 in one pass; 40 x 256^2 (3 Gram tiles each,
+    # 0.5 MB) fit 75 at a time and a wave needs 88: one pass too; 2000 of 64 x 64 (32 KB, one
+    # tile each) fit 1200 at a time, a wave needs 264: 2 passes of 1000.
+    assert ns_module.chunk_of((11, 3, 768, 768), torch.device("cpu")) == 33
+    assert ns_module.chunk_of((40, 256, 256), torch.device("cpu")) == 40
+    assert ns_module.chunk_of((2000, 64, 64), torch.device("cpu")) == 1000
     monkeypatch.setattr(ns_module, "_CHUNK", 2)
     assert ns_module.chunk_of((11, 3, 768, 768), torch.device("cpu")) == 2
     assert ns_module.chunk_of((1, 768, 768), torch.device("cpu")) == 1

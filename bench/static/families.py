@@ -216,8 +216,8 @@ def newton_schulz() -> Op:
 
     upd_ctas = batch * triton.cdiv(size, upd["BLOCK_M"]) * triton.cdiv(width, upd["BLOCK_N"])
     # DRAM bytes per matrix (bench/NOTES.md): the fp32 G read and the bf16 output written; in a
-    # stack that runs in one pass also X0 written and, per step, 2 B x (3MN + 4M^2); a stack in
-    # L2-sized passes (the 768^2 ones on an H100) keeps X0, the iterates, A and B in L2.
+    # stack that runs in one pass (all four on an H100) also X0 written and, per step,
+    # 2 B x (3MN + 4M^2); a stack in L2-sized passes keeps X0, the iterates, A and B in L2.
     # (X0's write and the output's are the same 2 B: the last step's X' write is the output.)
     step_bytes = g_bytes = 0
     for shape in groups:
@@ -248,8 +248,8 @@ def newton_schulz() -> Op:
                ctas=upd_ctas, spec=update("*bf16", True)),
         Kernel("triton _update_kernel", "X' = aX + BX", "triton", ctas=upd_ctas, spec=update("*bf16", False)),
     ], notes=["bytes: the fp32 G read and bf16 output write per matrix, + X0 and 5 steps x 2 B x (3MN + 4M^2) "
-              "where a stack runs in one pass (the 768x3072 ones; the 768^2 ones run in L2-sized passes) "
-              "(bench/NOTES.md); "
+              "where a stack runs in one pass (all four on an H100: L2-sized passes would not fill a wave; "
+              "bench/NOTES.md); "
               "FLOPs: the symmetric count (one triangle of X X^T and A A)"])
 
 
