@@ -226,6 +226,13 @@ def newton_schulz_float64(G: torch.Tensor, steps: int, coefficients=NS5) -> torc
 
 # ---- command line --------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench_newton_schulz",
@@ -244,7 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cap ours' output tiles (default: the module's choice) for a manual sweep")
     parser.add_argument("--max-tile-k", type=int, choices=(16, 32, 64, 128), default=None,
                         help="cap ours' reduction tile (default: the module's choice)")
-    parser.add_argument("--chunk", type=int, default=None,
+    parser.add_argument("--chunk", type=_positive_int, default=None,
                         help="ours' matrices per pass over a stack (default: the module's L2-sized choice, "
                              "kernels.newton_schulz.stack_chunk; 1000: one pass, as before issue 18)")
     harness.add_suite_options(parser)
@@ -280,8 +287,6 @@ def main(argv=None) -> int:
     if args.max_tile_k is not None:
         ns_module._MAX_TILE_K = args.max_tile_k
     if args.chunk is not None:
-        if args.chunk < 1:
-            raise SystemExit(f"--chunk must be >= 1, got {args.chunk}")
         ns_module._CHUNK = args.chunk
     timing = harness.timing_for(args.quick)
     device = torch.device("cuda")

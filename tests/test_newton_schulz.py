@@ -633,6 +633,16 @@ def test_bench_polar_express_variant_is_checked_against_its_own_schedule(tmp_pat
     assert cifar.ms is None and "polar_express is a 5-step schedule; the cifar set runs 3 steps" in cifar.error
 
 
+def test_bench_chunk_option(capsys):
+    from bench import bench_newton_schulz as bench
+
+    assert bench.parse_args(["--chunk", "7"]).chunk == 7
+    assert bench.parse_args([]).chunk is None
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--chunk", "0"])
+    assert "--chunk: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_bench_without_gpu_exits_0():
     from bench import harness
 
