@@ -275,7 +275,8 @@ def norm_chunks(rows: int) -> tuple[int, int]:
 # L2 chunking (bench/NOTES.md, issue 18): the stack runs in passes of `chunk` matrices, each
 # pass all steps, so a pass's X pair, A and B stay in L2 from stage to stage and step to
 # step.  The share of L2 they may fill: the rest holds G's and the output's lines streaming
-# through, and what the other half of the L2 (two partitions on H100) duplicates.
+# through, and is headroom for an L2 that is no perfect LRU over one pool (H100: two
+# partitions).
 _L2_SHARE = 0.75
 # CTAs of the 128x128-tile kernels resident per SM (syrk_config/update_config's 3 stages
 # and 128 registers; tests/test_static.py holds it).
@@ -508,10 +509,10 @@ def newton_schulz(G: torch.Tensor, *, steps: int = 5,
         directions whose singular value in G is tiny relative to ||G||_F.
 
     Backends: "triton" (CUDA tensors under "auto"; CPU tensors under "triton" with
-    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per pass over the stack (one pass
-    unless L2-sized passes fill the GPU: never at the GPT's shapes on an H100), whatever the
-    batch size: the symmetric Gram matrix and A A computed on one triangle of tiles and mirrored, the
-    norm folded into step 1, tall matrices read and written through swapped strides.  It
+    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per pass over the stack whatever
+    its size (one pass unless L2-sized passes fill the GPU: never at the GPT's shapes on
+    an H100): the symmetric Gram matrix and A A computed on one triangle of tiles and
+    mirrored, the norm folded into step 1, tall matrices read and written through swapped strides.  It
     rounds once per stage (the reference rounds each partial product too) and takes the
     norm in fp32.  "reference" (CPU tensors under "auto") is kernels.reference.  Only the
     reference is differentiable; Muon needs no gradient.  No host synchronization; traces

@@ -314,17 +314,20 @@ def test_triton_passes_over_the_stack_match_one_pass_exactly(input_dtype, shape,
     G = stack(*shape, dtype=input_dtype, device=interpreter_device, seed=13)
     whole = run_triton(G, steps=3, dtype=torch.float16)
     monkeypatch.setattr(ns_module, "_CHUNK", 2)
-    real_update = ns_module._update_kernel
 
     class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
         def __getitem__(self, grid):
             launched.append(grid)
-            return real_update[grid]
+            return self.kernel[grid]
 
-    monkeypatch.setattr(ns_module, "_update_kernel", Counting())
+    for name in ("_sumsq_kernel", "_syrk_kernel", "_update_kernel"):
+        monkeypatch.setattr(ns_module, name, Counting(getattr(ns_module, name)))
     passes = run_triton(G, steps=3, dtype=torch.float16)
     batch = math.prod(shape[:-2])
-    assert len(launched) == 3 * math.ceil(batch / 2)
+    assert len(launched) == ns_module.launches(3, passes=math.ceil(batch / 2)) == 10 * 3
     assert torch.equal(passes, whole)
     assert_close_to_oracle(G.to(torch.float16) if input_dtype == torch.float16 else G, passes,
                            dtype=torch.float16, steps=3)
