@@ -226,6 +226,13 @@ def newton_schulz_float64(G: torch.Tensor, steps: int, coefficients=NS5) -> torc
 
 # ---- command line --------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench_newton_schulz",
@@ -244,6 +251,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cap ours' output tiles (default: the module's choice) for a manual sweep")
     parser.add_argument("--max-tile-k", type=int, choices=(16, 32, 64, 128), default=None,
                         help="cap ours' reduction tile (default: the module's choice)")
+    parser.add_argument("--chunk", type=_positive_int, default=None,
+                        help="ours' matrices per pass over a stack (default: the module's L2-sized choice, "
+                             "kernels.newton_schulz.stack_chunk; 1000: one pass, as before issue 18)")
     harness.add_suite_options(parser)
     return parser.parse_args(argv)
 
@@ -257,7 +267,8 @@ NOTES = (
     "Inputs: randn (seed 0), fp32 for the GPT set, fp16 for the CIFAR set; every implementation "
     "iterates in bf16 and is checked against the same iteration in float64 on the bf16-rounded "
     "input; ok when rel_err_vs_float64 <= 4 * 2^-8 * steps.",
-    "launches: CUDA kernels per call, counted once with torch.profiler.",
+    "launches: CUDA kernels per call, counted once with torch.profiler; ours launches "
+    "1 + 3 x steps per pass over a stack (passes_per_group_ours in the metadata).",
     "torch-compile: torch.compile(dynamic=False) of the record's NS, default mode, one graph per "
     "shape group. record-loop (CIFAR): the airbench record's per-parameter loop, eager.",
     "ours-triton-polar: ours with coefficients='polar_express' (the current modded-nanogpt "
@@ -275,13 +286,18 @@ def main(argv=None) -> int:
         ns_module._MAX_TILE = args.max_tile
     if args.max_tile_k is not None:
         ns_module._MAX_TILE_K = args.max_tile_k
+    if args.chunk is not None:
+        ns_module._CHUNK = args.chunk
     timing = harness.timing_for(args.quick)
+    device = torch.device("cuda")
     run = harness.start_run(
         OP, title="Newton-Schulz on one Muon step's matrices, bf16 iteration",
         out_root=args.out, timing=timing, notes=NOTES,
         extra_metadata={"max_tile": ns_module._MAX_TILE, "max_tile_k": ns_module._MAX_TILE_K,
-                        "launches_per_group_ours": {name: ns_module.launches(spec["steps"])
-                                                    for name, spec in SETS.items()}})
+                        "chunk": args.chunk,
+                        "passes_per_group_ours": {name: [-(-math.prod(g[:-2]) // ns_module.chunk_of(g, device))
+                                                         for g in spec["groups"]()]
+                                                  for name, spec in SETS.items()}})
     for set_name in args.sets:
         run_set(run, set_name, args.impls, timer=lambda fn: harness.time_ms(fn, timing), device="cuda")
     run.finish()

@@ -9,13 +9,16 @@ Public op (contract below and in DESIGN.md §2.3; the spec is
 
 How the Triton path works.  Per matrix the iteration runs on the wide orientation
 X [M, N] (M <= N); a tall input is never transposed in memory: the kernels read and
-write it through swapped strides.  Leading dims are flattened into one batch and every
-stage is ONE launch whose grid covers batch x tiles:
+write it through swapped strides.  Leading dims are flattened into one batch, run in
+passes of `chunk_of` matrices (one pass unless L2-sized passes still fill the GPU: see
+stack_chunk); in a pass every stage is ONE launch whose grid covers matrices x tiles, and
+a pass runs all steps, so its iterates, A and B stay in L2 from stage to stage:
 
-  1. _sumsq_kernel      per (matrix, chunk of rows) the sum of squares of dtype(G), in
-                        fp32.  The Frobenius normalization is then folded into step 1:
-                        with r = 1 / (||X0|| + eps), A = r^2 (X0 X0^T) and
-                        X1 = r (a X0 + B X0), so the normalized X0 is never written.
+  1. _sumsq_kernel      per (matrix, chunk of rows) the sum of squares of X0 = dtype(G),
+                        in fp32, and X0 itself (unless G is already in `dtype`).  The
+                        Frobenius normalization is then folded into step 1: with
+                        r = 1 / (||X0|| + eps), A = r^2 (X0 X0^T) and X1 = r (a X0 + B X0),
+                        so the normalized X0 is never written.
   per step (a, b, c):
   2. _syrk_kernel       A = X X^T.  Only the tiles on and below the diagonal are computed
                         (T(T+1)/2 of T^2); each off-diagonal tile is stored twice, as
@@ -28,9 +31,9 @@ stage is ONE launch whose grid covers batch x tiles:
 
 Matmuls take `dtype` (bf16 or fp16) operands and accumulate in fp32; each stage rounds
 its result to `dtype` once (the reference also rounds the partial products b A, c A A,
-a X, B X; the difference is well inside the iteration's own rounding noise).  Step 1
+a X, B X; the difference is well inside the iteration's own rounding noise).  The norm
 reads G itself (fp32, fp16 or bf16, any strides), converting to `dtype` on load; float64
-inputs are converted to `dtype` by torch first.
+inputs are converted to `dtype` by torch first.  Every matmul loads `dtype` operands.
 
 The interpreter's bf16 arithmetic is broken (DESIGN.md §4), so in the interpreter a bf16
 iteration carries its values in fp32 that are rounded to bf16 (round to nearest even)
@@ -38,6 +41,8 @@ wherever the GPU path rounds: the same numbers, and the Muon step can be tested 
 CPU with Muon's default bf16.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -98,15 +103,17 @@ def _inverse_norm(partials_ptr, matrix, n_chunks, eps, CHUNKS: tl.constexpr):
 
 
 @triton.jit
-def _sumsq_kernel(g_ptr, partials_ptr, rows, cols, stride_gb, stride_gm, stride_gn,
+def _sumsq_kernel(g_ptr, partials_ptr, copy_ptr, rows, cols, stride_gb, stride_gm, stride_gn,
                   rows_per_chunk, n_chunks,
-                  BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                  WRITE_COPY: tl.constexpr, BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partials[matrix, chunk] = sum of dtype(G)^2 over the chunk's rows (physical layout)."""
+    """partials[matrix, chunk] = sum of dtype(G)^2 over the chunk's rows (physical layout);
+    with WRITE_COPY also copy = dtype(G), contiguous [batch, rows, cols] in G's orientation."""
     pid = tl.program_id(0)
     matrix = pid // n_chunks
     chunk = pid % n_chunks
     base = g_ptr + matrix.to(tl.int64) * stride_gb
+    copy_base = copy_ptr + matrix.to(tl.int64) * rows * cols
     first_row = chunk * rows_per_chunk
     last_row = tl.minimum(first_row + rows_per_chunk, rows)
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
@@ -116,7 +123,10 @@ def _sumsq_kernel(g_ptr, partials_ptr, rows, cols, stride_gb, stride_gm, stride_
             c = col_start + tl.arange(0, BLOCK_C)
             mask = (r[:, None] < last_row) & (c[None, :] < cols)
             x = tl.load(base + r[:, None] * stride_gm + c[None, :] * stride_gn, mask=mask, other=0.0)
-            x = _as_iteration_dtype(x, BF16, EMULATE_BF16).to(tl.float32)
+            x = _as_iteration_dtype(x, BF16, EMULATE_BF16)
+            if WRITE_COPY:
+                tl.store(copy_base + r[:, None] * cols + c[None, :], x.to(copy_ptr.dtype.element_ty), mask=mask)
+            x = x.to(tl.float32)
             acc += x * x
     tl.store(partials_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
@@ -226,17 +236,24 @@ def _tile(extent: int, limit: int) -> int:
     return max(16, min(limit, triton.next_power_of_2(extent)))
 
 
-def _warps(block_m: int, block_n: int) -> int:
-    """Two warpgroups for 128x128 tiles (each a 64x128 wgmma), one below."""
-    return 8 if block_m * block_n >= 128 * 128 else 4
+def _launch(block_m: int, block_n: int) -> dict:
+    """Two warpgroups for 128x128 tiles (each a 64x128 wgmma), one below.  With two, at most
+    128 registers per thread: two 256-thread CTAs then share an SM's 64K registers (triton
+    3.6 gives the B = bA + cA^2 kernel 132 uncapped, 126 capped, without spills)."""
+    return {"num_warps": 8, "maxnreg": 128} if block_m * block_n >= 128 * 128 else {"num_warps": 4}
+
+
+# Pipeline depth of every K loop.  At 128x128x64 bf16 tiles a stage holds 32 KB of operands:
+# 3 stages (97 KB per CTA) let two CTAs share an SM's 228 KB, 4 (129 KB) allowed one
+# (bench/NOTES.md: the second CTA's epilogue and loads overlap the first's wgmma).
+_STAGES = 3
 
 
 def syrk_config(size: int, depth: int) -> dict:
     """Tiles for C [size, size] = Y Y^T over `depth`: unmeasured, see bench/NOTES.md."""
     block = _tile(size, _MAX_TILE)
     block_k = _tile(depth, _MAX_TILE_K)
-    return {"BLOCK": block, "BLOCK_K": block_k, "STAGES": 4 if block == 128 else 3,
-            "num_warps": _warps(block, block)}
+    return {"BLOCK": block, "BLOCK_K": block_k, "STAGES": _STAGES, **_launch(block, block)}
 
 
 def update_config(size: int, width: int) -> dict:
@@ -245,7 +262,7 @@ def update_config(size: int, width: int) -> dict:
     block_n = _tile(width, _MAX_TILE)
     block_k = _tile(size, _MAX_TILE_K)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "STAGES": 4 if block_m * block_n >= 128 * 128 else 3, "num_warps": _warps(block_m, block_n)}
+            "STAGES": _STAGES, **_launch(block_m, block_n)}
 
 
 def norm_chunks(rows: int) -> tuple[int, int]:
@@ -255,9 +272,64 @@ def norm_chunks(rows: int) -> tuple[int, int]:
     return triton.cdiv(rows, rows_per_chunk), rows_per_chunk
 
 
-def launches(steps: int) -> int:
-    """Kernel launches per call, whatever the batch: the norm, then 3 per step."""
-    return 1 + 3 * steps
+# L2 chunking (bench/NOTES.md, issue 18): the stack runs in passes of `chunk` matrices, each
+# pass all steps, so a pass's X pair, A and B stay in L2 from stage to stage and step to
+# step.  The share of L2 they may fill: the rest holds G's and the output's lines streaming
+# through, and is headroom for an L2 that is no perfect LRU over one pool (H100: two
+# partitions).
+_L2_SHARE = 0.75
+# CTAs of the 128x128-tile kernels resident per SM (syrk_config/update_config's 3 stages
+# and 128 registers; tests/test_static.py holds it).
+_CTAS_PER_SM = 2
+# Without a CUDA device (the interpreter) the H100's L2 and SM count decide, as on the GPU.
+_H100_L2_BYTES = 50 * 2 ** 20
+_H100_SMS = 132
+# Matrices per pass when set (the bench's --chunk, tests); None: stack_chunk's choice.
+_CHUNK = None
+
+
+def stack_chunk(batch: int, size: int, width: int, *, l2_bytes: int, sms: int, itemsize: int = 2) -> int:
+    """Matrices per pass over a [batch, size, width] stack (size <= width): `batch` (one pass)
+    unless L2-sized passes still fill the GPU.
+
+    A matrix's working set is its X pair, A and B: itemsize * (2 size width + 2 size^2) bytes,
+    and a pass holds as many as fit in _L2_SHARE of the L2.  A pass must also fill one full
+    wave of Gram CTAs (_CTAS_PER_SM per SM; the Gram launch has the fewest tiles): a pass
+    that leaves CTA slots empty in its launches loses more than the DRAM traffic it saves
+    (bench/NOTES.md works it out for the 768^2 stacks, where an H100 fits 8 and a wave needs
+    13), and the stack runs in one pass.  Passes are balanced: 33 matrices that fit 21 at a
+    time run as 2 passes of 16-17, not 21 and 12.
+    """
+    per_matrix = itemsize * (2 * size * width + 2 * size * size)
+    fit = int(_L2_SHARE * l2_bytes) // per_matrix
+    side = triton.cdiv(size, syrk_config(size, width)["BLOCK"])
+    needed = triton.cdiv(_CTAS_PER_SM * sms, side * (side + 1) // 2)
+    if fit >= batch or fit < needed:
+        return batch
+    passes = triton.cdiv(batch, fit)
+    return triton.cdiv(batch, passes)
+
+
+def _device_limits(device: torch.device) -> dict:
+    """l2_bytes and sms of `device` (the H100's off CUDA)."""
+    if device.type != "cuda":
+        return {"l2_bytes": _H100_L2_BYTES, "sms": _H100_SMS}
+    props = torch.cuda.get_device_properties(device)
+    return {"l2_bytes": props.L2_cache_size, "sms": props.multi_processor_count}
+
+
+def chunk_of(shape, device: torch.device) -> int:
+    """Matrices per pass for a stack G of `shape` [..., m, n] on `device`."""
+    batch = math.prod(shape[:-2])
+    size, width = sorted(shape[-2:])
+    if _CHUNK is not None:
+        return min(_CHUNK, batch)
+    return stack_chunk(batch, size, width, **_device_limits(device))
+
+
+def launches(steps: int, passes: int = 1) -> int:
+    """Kernel launches per call: per pass over the stack, the norm, then 3 per step."""
+    return passes * (1 + 3 * steps)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -280,27 +352,32 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
     batch = G3.shape[0]
     tall = m > n
     size, width = (n, m) if tall else (m, n)
-    g_strides = G3.stride()
-    x_strides = (g_strides[0], g_strides[2], g_strides[1]) if tall else g_strides
     device = G.device
     bf16 = dtype == torch.bfloat16
     flags = {"BF16": bf16, "EMULATE_BF16": _emulate_bf16(dtype, device)}
 
+    def wide(strides):  # X [size, width] of a [batch, m, n] buffer: a tall one through swapped strides
+        return (strides[0], strides[2], strides[1]) if tall else strides
+
     out = _empty((batch, m, n), dtype, device)
-    o_strides = out.stride()
-    out_strides = (o_strides[0], o_strides[2], o_strides[1]) if tall else o_strides
-    gram = _empty((batch, size, size), dtype, device)
-    poly = _empty((batch, size, size), dtype, device)
     steps = len(coefficients) // 3
-    work = [_empty((batch, size, width), dtype, device)
-            for _ in range(min(2, steps - 1))]
+    chunk = chunk_of(G3.shape, device)
+    # Buffers for one pass of `chunk` matrices, reused by every pass (so a pass finds them in L2).
+    gram = _empty((chunk, size, size), dtype, device)
+    poly = _empty((chunk, size, size), dtype, device)
+    # The iterates X0 .. X_steps: X0 = dtype(G) is written by the norm kernel unless G is
+    # already in `dtype` (every matmul then loads half-precision operands; an fp32 G in the
+    # K loops would double their shared memory and need 206 registers); X_k (0 < k < steps)
+    # lives in pair[k % 2], X0 in pair[0]; the last step writes `out`.
+    write_copy = G3.dtype != dtype
+    used = {1} if steps >= 2 else set()
+    if write_copy or steps >= 3:
+        used.add(0)
+    pair = {index: _empty((chunk, size, width), dtype, device) for index in sorted(used)}
 
     n_chunks, rows_per_chunk = norm_chunks(m)
     chunks_p2 = max(16, triton.next_power_of_2(n_chunks))  # one vector load; small vectors padded
-    partials = _empty((batch * n_chunks,), torch.float32, device)
-    _sumsq_kernel[(batch * n_chunks,)](
-        G3, partials, m, n, *g_strides, rows_per_chunk, n_chunks,
-        BLOCK_R=_NORM_BLOCK_ROWS, BLOCK_C=_tile(n, 256), num_warps=4, **flags)
+    partials = _empty((chunk * n_chunks,), torch.float32, device)
 
     gram_cfg = syrk_config(size, width)
     poly_cfg = syrk_config(size, size)
@@ -312,26 +389,36 @@ def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], eps: float
     tiles_n = triton.cdiv(width, upd_cfg["BLOCK_N"])
     upd_tiles = triton.cdiv(size, upd_cfg["BLOCK_M"]) * tiles_n
 
-    source, source_strides = G3, x_strides
-    for step in range(steps):
-        a, b, c = coefficients[3 * step: 3 * step + 3]
-        first = step == 0
-        norm_args = dict(SCALE_BY_NORM=first, CHUNKS=chunks_p2)
-        _syrk_kernel[(batch * gram_tiles,)](
-            source, gram, gram, partials, size, width, gram_tiles, *source_strides,
-            1.0, 0.0, eps, n_chunks, HAS_D=False, **norm_args, **flags, **gram_cfg)
-        _syrk_kernel[(batch * poly_tiles,)](
-            gram, poly, gram, partials, size, size, poly_tiles, size * size, size, 1,
-            c, b, eps, n_chunks, HAS_D=True, SCALE_BY_NORM=False, CHUNKS=chunks_p2, **flags, **poly_cfg)
-        if step == steps - 1:
-            target, target_strides = out, out_strides
-        else:
-            target = work[step % 2]
-            target_strides = target.stride()
-        _update_kernel[(batch * upd_tiles,)](
-            poly, source, target, partials, size, width, tiles_n, upd_tiles,
-            *source_strides, *target_strides, a, eps, n_chunks, **norm_args, **flags, **upd_cfg)
-        source, source_strides = target, target_strides
+    passes = triton.cdiv(batch, chunk)
+    for index in range(passes):  # balanced: the passes' sizes differ by at most 1
+        first_matrix = index * batch // passes
+        count = (index + 1) * batch // passes - first_matrix
+        G_pass = G3[first_matrix:first_matrix + count]
+        x0 = pair[0][:count].view(count, m, n) if write_copy else G_pass
+        _sumsq_kernel[(count * n_chunks,)](
+            G_pass, partials, x0, m, n, *G_pass.stride(), rows_per_chunk, n_chunks, WRITE_COPY=write_copy,
+            BLOCK_R=_NORM_BLOCK_ROWS, BLOCK_C=_tile(n, 256), num_warps=4, **flags)
+        source, source_strides = x0, wide(x0.stride())
+        for step in range(steps):
+            a, b, c = coefficients[3 * step: 3 * step + 3]
+            first = step == 0
+            norm_args = dict(SCALE_BY_NORM=first, CHUNKS=chunks_p2)
+            _syrk_kernel[(count * gram_tiles,)](
+                source, gram, gram, partials, size, width, gram_tiles, *source_strides,
+                1.0, 0.0, eps, n_chunks, HAS_D=False, **norm_args, **flags, **gram_cfg)
+            _syrk_kernel[(count * poly_tiles,)](
+                gram, poly, gram, partials, size, size, poly_tiles, size * size, size, 1,
+                c, b, eps, n_chunks, HAS_D=True, SCALE_BY_NORM=False, CHUNKS=chunks_p2, **flags, **poly_cfg)
+            if step == steps - 1:
+                target = out[first_matrix:first_matrix + count]
+                target_strides = wide(target.stride())
+            else:
+                target = pair[(step + 1) % 2][:count]
+                target_strides = target.stride()
+            _update_kernel[(count * upd_tiles,)](
+                poly, source, target, partials, size, width, tiles_n, upd_tiles,
+                *source_strides, *target_strides, a, eps, n_chunks, **norm_args, **flags, **upd_cfg)
+            source, source_strides = target, target_strides
     return out.reshape(shape)
 
 
@@ -422,9 +509,10 @@ def newton_schulz(G: torch.Tensor, *, steps: int = 5,
         directions whose singular value in G is tiny relative to ||G||_F.
 
     Backends: "triton" (CUDA tensors under "auto"; CPU tensors under "triton" with
-    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per call whatever the batch size:
-    the symmetric Gram matrix and A A computed on one triangle of tiles and mirrored, the
-    norm folded into step 1, tall matrices read and written through swapped strides.  It
+    TRITON_INTERPRET=1) launches 1 + 3 * steps kernels per pass over the stack whatever
+    its size (one pass unless L2-sized passes fill the GPU: never at the GPT's shapes on
+    an H100): the symmetric Gram matrix and A A computed on one triangle of tiles and
+    mirrored, the norm folded into step 1, tall matrices read and written through swapped strides.  It
     rounds once per stage (the reference rounds each partial product too) and takes the
     norm in fp32.  "reference" (CPU tensors under "auto") is kernels.reference.  Only the
     reference is differentiable; Muon needs no gradient.  No host synchronization; traces

@@ -38,6 +38,7 @@ COMPAT_TESTS = {
                                "test_fp8_head_kernels_have_no_spills"],
     "tests/test_newton_schulz.py": ["test_triton_matches_float64_iteration",
                                     "test_triton_writes_every_element_of_poisoned_buffers",
+                                    "test_triton_passes_over_the_stack_match_one_pass_exactly",
                                     "test_triton_kernels_compile_for_sm90_with_wgmma"],
     "tests/test_relu2_mlp.py": ["test_triton_relu2_mlp_matches_float64",
                                 "test_triton_linear_relu2_matches_float64",

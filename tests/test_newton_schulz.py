@@ -222,7 +222,7 @@ def test_triton_writes_every_element_of_poisoned_buffers(small_tiles, monkeypatc
     monkeypatch.setattr(ns_module, "_empty", poisoned)
     G = stack(2, 35, 22, device=interpreter_device, seed=11)  # tall: the output is written transposed
     out = run_triton(G, steps=3, dtype=torch.float16)
-    assert len(made) == 6  # out, A, B, two X buffers, partials
+    assert len(made) == 6  # out, A, B, the X pair (X0 = fp16(G) in one of them), partials
     assert_close_to_oracle(G, out, dtype=torch.float16, steps=3)
 
 
@@ -255,6 +255,82 @@ def test_one_launch_per_stage_whatever_the_batch(small_tiles, monkeypatch, inter
     # 17 rows in 16-wide tiles: 2 per side, 3 on one triangle (not 4), for each of 6 matrices.
     assert launched[1][1] == (6 * 3,)
     assert launched[3][1] == (6 * 2 * 2,)  # the update: [17, 21] in 16x16 tiles
+
+
+# ---- L2-sized passes over the stack (bench/NOTES.md, issue 18) ------------------------------
+
+H100 = {"l2_bytes": 50 * 2 ** 20, "sms": 132}
+
+
+def test_stack_chunk_at_the_gpt_shapes():
+    # 768^2: X pair, A, B = 4 x 1.18 MB per matrix; 0.75 x 50 MiB holds 8, but a full wave of
+    # Gram CTAs (2 per SM, 21 tiles per matrix) needs 13: one pass (bench/NOTES.md).
+    assert ns_module.stack_chunk(33, 768, 768, **H100) == 33
+    assert ns_module.stack_chunk(11, 768, 768, **H100) == 11
+    # 768 x 3072: 11.8 MB per matrix, 3 fit: one pass.
+    assert ns_module.stack_chunk(12, 768, 3072, **H100) == 12
+    # An L2 of 126 MiB and 148 SMs: 21 fit, a wave needs 15: 33 matrices in 2 passes of 16-17.
+    larger = {"l2_bytes": 126 * 2 ** 20, "sms": 148}
+    assert ns_module.stack_chunk(33, 768, 768, **larger) == 17
+    assert ns_module.stack_chunk(21, 768, 768, **larger) == 21  # fits whole: one pass
+    assert ns_module.stack_chunk(33, 768, 768, **larger, itemsize=4) == 33  # fp32 iterates: 10 fit
+    assert ns_module.stack_chunk(12, 768, 3072, **larger) == 12  # 8 fit, 15 needed
+
+
+def test_stack_chunk_follows_l2_size_and_sm_count():
+    # 100 matrices 64 x 64 (one 64-wide Gram tile each, 32 KB working set in fp16).
+    per_matrix = 2 * (2 * 64 * 64 + 2 * 64 * 64)
+    l2 = int(10 * per_matrix / ns_module._L2_SHARE) + 1  # room for exactly 10
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=4) == 10
+    assert ns_module.stack_chunk(81, 64, 64, l2_bytes=l2, sms=4) == 9  # 9 passes of 9, not 8 of 10 and 1
+    assert ns_module.stack_chunk(91, 64, 64, l2_bytes=l2, sms=4) == 10  # 10 passes of 9-10
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=5) == 10  # 10 CTAs: 2 on each of 5 SMs
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=l2, sms=6) == 100  # 10 would leave 2 slots empty
+    assert ns_module.stack_chunk(100, 64, 64, l2_bytes=per_matrix, sms=1) == 100  # nothing fits
+
+
+def test_chunk_of_reads_the_device_or_the_forced_chunk(monkeypatch):
+    # Off CUDA the H100's limits decide: 33 x 768^2 in one pass; 40 x 256^2 (3 Gram tiles each,
+    # 0.5 MB) fit 75 at a time and a wave needs 88: one pass too; 2000 of 64 x 64 (32 KB, one
+    # tile each) fit 1200 at a time, a wave needs 264: 2 passes of 1000.
+    assert ns_module.chunk_of((11, 3, 768, 768), torch.device("cpu")) == 33
+    assert ns_module.chunk_of((40, 256, 256), torch.device("cpu")) == 40
+    assert ns_module.chunk_of((2000, 64, 64), torch.device("cpu")) == 1000
+    monkeypatch.setattr(ns_module, "_CHUNK", 2)
+    assert ns_module.chunk_of((11, 3, 768, 768), torch.device("cpu")) == 2
+    assert ns_module.chunk_of((1, 768, 768), torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("input_dtype,shape", [(torch.float32, (5, 35, 22)), (torch.float16, (2, 3, 19, 26))])
+def test_triton_passes_over_the_stack_match_one_pass_exactly(input_dtype, shape, small_tiles, monkeypatch,
+                                                             interpreter_device):
+    # Forced passes of <= 2 matrices (5 or 6 as 1-2-2 or 2-2-2), buffers poisoned with NaN: each pass
+    # must compute exactly what one pass over the whole stack does, matrix by matrix.  fp32
+    # input: X0 = fp16(G) written per pass into the X pair; fp16 input: step 1 reads G.
+    launched = []
+    real_empty = ns_module._empty
+    monkeypatch.setattr(ns_module, "_empty", lambda shape, dtype, device: real_empty(shape, dtype, device).fill_(
+        float("nan")))
+    G = stack(*shape, dtype=input_dtype, device=interpreter_device, seed=13)
+    whole = run_triton(G, steps=3, dtype=torch.float16)
+    monkeypatch.setattr(ns_module, "_CHUNK", 2)
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.kernel[grid]
+
+    for name in ("_sumsq_kernel", "_syrk_kernel", "_update_kernel"):
+        monkeypatch.setattr(ns_module, name, Counting(getattr(ns_module, name)))
+    passes = run_triton(G, steps=3, dtype=torch.float16)
+    batch = math.prod(shape[:-2])
+    assert len(launched) == ns_module.launches(3, passes=math.ceil(batch / 2)) == 10 * 3
+    assert torch.equal(passes, whole)
+    assert_close_to_oracle(G.to(torch.float16) if input_dtype == torch.float16 else G, passes,
+                           dtype=torch.float16, steps=3)
 
 
 # ---- routing -----------------------------------------------------------------------------
@@ -381,29 +457,29 @@ def _hopper_specs():
                     "alpha": "fp32", "beta": "fp32", "eps": "fp32", "n_chunks": "i32"}
         for depth, has_d, first in ((width, False, True), (width, False, False), (size, True, False)):
             cfg = ns_module.syrk_config(size, depth)
-            warps = cfg.pop("num_warps")
+            launch = {key: cfg.pop(key) for key in ("num_warps", "maxnreg")}
             specs.append({"module": "kernels.newton_schulz", "kernel": "_syrk_kernel", "signature": syrk_sig,
                           "constexprs": {"HAS_D": has_d, "SCALE_BY_NORM": first, "CHUNKS": 64, **flags, **cfg},
-                          "num_warps": warps,
+                          **launch,
                           "divisible_by_16": ["y_ptr", "c_ptr", "d_ptr", "size", "depth", "stride_yb",
                                               "stride_ym"]})
         cfg = ns_module.update_config(size, width)
-        warps = cfg.pop("num_warps")
+        launch = {key: cfg.pop(key) for key in ("num_warps", "maxnreg")}
         specs.append({"module": "kernels.newton_schulz", "kernel": "_update_kernel", "signature": {
             "b_ptr": f"*{half}", "x_ptr": f"*{half}", "out_ptr": f"*{half}", "partials_ptr": "*fp32",
             "size": "i32", "width": "i32", "tiles_n": "i32", "tiles_per_matrix": "i32",
             "stride_xb": "i64", "stride_xm": "i32", "stride_xn": "i32",
             "stride_ob": "i64", "stride_om": "i32", "stride_on": "i32",
             "a_coef": "fp32", "eps": "fp32", "n_chunks": "i32"},
-            "constexprs": {"SCALE_BY_NORM": False, "CHUNKS": 64, **flags, **cfg}, "num_warps": warps,
+            "constexprs": {"SCALE_BY_NORM": False, "CHUNKS": 64, **flags, **cfg}, **launch,
             "divisible_by_16": ["b_ptr", "x_ptr", "out_ptr", "size", "width", "stride_xb", "stride_xm",
                                 "stride_ob", "stride_om"]})
         specs.append({"module": "kernels.newton_schulz", "kernel": "_sumsq_kernel", "signature": {
-            "g_ptr": f"*{half}", "partials_ptr": "*fp32", "rows": "i32", "cols": "i32",
+            "g_ptr": "*fp32", "partials_ptr": "*fp32", "copy_ptr": f"*{half}", "rows": "i32", "cols": "i32",
             "stride_gb": "i64", "stride_gm": "i32", "stride_gn": "i32", "rows_per_chunk": "i32",
             "n_chunks": "i32"},
-            "constexprs": {**flags, "BLOCK_R": ns_module._NORM_BLOCK_ROWS, "BLOCK_C": 256}, "num_warps": 4,
-            "divisible_by_16": ["g_ptr", "cols", "stride_gm"]})
+            "constexprs": {"WRITE_COPY": True, **flags, "BLOCK_R": ns_module._NORM_BLOCK_ROWS, "BLOCK_C": 256},
+            "num_warps": 4, "divisible_by_16": ["g_ptr", "copy_ptr", "cols", "stride_gm"]})
     return specs
 
 
@@ -558,6 +634,16 @@ def test_bench_polar_express_variant_is_checked_against_its_own_schedule(tmp_pat
     # far more than the tolerance (test_triton_polar_express_matches_float64_iteration).
     assert gpt.error is None and gpt.checks["ok"] and gpt.extra["coefficients"] == "polar_express", gpt
     assert cifar.ms is None and "polar_express is a 5-step schedule; the cifar set runs 3 steps" in cifar.error
+
+
+def test_bench_chunk_option(capsys):
+    from bench import bench_newton_schulz as bench
+
+    assert bench.parse_args(["--chunk", "7"]).chunk == 7
+    assert bench.parse_args([]).chunk is None
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--chunk", "0"])
+    assert "--chunk: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_without_gpu_exits_0():

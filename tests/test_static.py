@@ -204,3 +204,18 @@ def test_relu2_mlp_dpre_prefetches_the_aux_tile_before_the_epilogue_wait():
     assert len(prefetches) == 128 * 256 * 2 // 128 // 256  # one per 128-byte line, 2 per thread
     assert max(prefetches) < epilogue_wait < aux_load
     assert sass.resources(str(cubin))[meta["name"]]["local_bytes"] == 0
+
+
+def test_newton_schulz_matmuls_fit_two_ctas_per_sm_without_spills():
+    # bench/NOTES.md newton_schulz (issue 18): at 768 x 3072 every matmul kernel, step 1
+    # included (it reads the bf16 copy X0 that _sumsq_kernel writes, not the fp32 G), keeps
+    # 3 stages of 128x128x64 bf16 tiles in <= 113 KB of shared memory and <= 128 registers
+    # per thread, so two 256-thread CTAs share an SM; each keeps one wgmma group in flight.
+    matmuls = [k for op, k in _kernels() if op == "newton_schulz" and k["mma"]]
+    assert len(matmuls) == 5, [k["name"] for k in matmuls]
+    for kernel in matmuls:
+        name = kernel["name"]
+        assert kernel["threads"] == 256 and kernel["ctas_per_sm"] == 2, (name, kernel["ctas_per_sm"])
+        assert kernel["registers"] <= 128 and kernel["smem_bytes"] <= 113 * 1024, name
+        assert kernel["spill_bytes"] == 0 and kernel["local_accesses"] == 0, name
+        assert kernel["wgmma_in_flight"] >= 1, name

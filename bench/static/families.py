@@ -205,7 +205,8 @@ def newton_schulz() -> Op:
     def syrk(source: str, depth: int, has_d: bool, first: bool, cfg: dict, alpha: float, beta: float) -> dict:
         cfg = dict(cfg)
         side = triton.cdiv(size, cfg["BLOCK"])
-        return {"module": "kernels.newton_schulz", "kernel": "_syrk_kernel", "num_warps": cfg.pop("num_warps"),
+        launch = {key: cfg.pop(key) for key in ("num_warps", "maxnreg") if key in cfg}
+        return {"module": "kernels.newton_schulz", "kernel": "_syrk_kernel", **launch,
                 "args": {"y_ptr": source, "c_ptr": "*bf16", "d_ptr": "*bf16", "partials_ptr": "*fp32",
                          "size": size, "depth": depth, "tiles_per_matrix": side * (side + 1) // 2,
                          "stride_yb": size * depth, "stride_ym": depth, "stride_yk": 1, "alpha": alpha,
@@ -215,7 +216,8 @@ def newton_schulz() -> Op:
     def update(source: str, first: bool) -> dict:
         cfg = dict(upd)
         tiles_n = triton.cdiv(width, cfg["BLOCK_N"])
-        return {"module": "kernels.newton_schulz", "kernel": "_update_kernel", "num_warps": cfg.pop("num_warps"),
+        launch = {key: cfg.pop(key) for key in ("num_warps", "maxnreg") if key in cfg}
+        return {"module": "kernels.newton_schulz", "kernel": "_update_kernel", **launch,
                 "args": {"b_ptr": "*bf16", "x_ptr": source, "out_ptr": "*bf16", "partials_ptr": "*fp32",
                          "size": size, "width": width, "tiles_n": tiles_n,
                          "tiles_per_matrix": triton.cdiv(size, cfg["BLOCK_M"]) * tiles_n,
@@ -228,30 +230,41 @@ def newton_schulz() -> Op:
         return batch * side * (side + 1) // 2
 
     upd_ctas = batch * triton.cdiv(size, upd["BLOCK_M"]) * triton.cdiv(width, upd["BLOCK_N"])
-    # DRAM bytes per step and matrix (bench/NOTES.md): 2 B x (3MN + 4M^2), plus the fp32 G read once.
-    matrices = bench.matrices_of(groups)
-    step_bytes = sum(2 * (3 * min(r, c) * max(r, c) + 4 * min(r, c) ** 2) for r, c in matrices)
-    g_bytes = sum(4 * r * c for r, c in matrices)
+    # DRAM bytes per matrix (bench/NOTES.md): the fp32 G read and the bf16 output written; in a
+    # stack that runs in one pass (all four on an H100) also X0 written and, per step,
+    # 2 B x (3MN + 4M^2); a stack in L2-sized passes keeps X0, the iterates, A and B in L2.
+    # (X0's write and the output's are the same 2 B: the last step's X' write is the output.)
+    step_bytes = g_bytes = 0
+    for shape in groups:
+        matrices = bench.matrices_of([shape])
+        one_pass = ns.chunk_of(shape, torch.device("cpu")) == len(matrices)
+        for r, c in matrices:
+            g_bytes += (4 + 2) * r * c
+            if one_pass:
+                step_bytes += 2 * (3 * min(r, c) * max(r, c) + 4 * min(r, c) ** 2)
     return Op("newton_schulz", "NS5 on one Muon step of the GPT (44 matrices 768x768, 24 of 768x3072), bf16; "
               f"kernels shown for the {batch}x{size}x{width} stack",
               bytes=5 * step_bytes + g_bytes, flops=bench.flops(groups, 5, symmetric=True), flop_kind="bf16",
               kernels=[
-        Kernel("triton _sumsq_kernel", "per-chunk sums of squares of G (fp32 in)", "triton", ctas=batch * n_chunks,
+        Kernel("triton _sumsq_kernel", "per-chunk sums of squares of G (fp32 in), X0 = bf16(G) out", "triton",
+               ctas=batch * n_chunks,
                spec={"module": "kernels.newton_schulz", "kernel": "_sumsq_kernel", "num_warps": 4,
-                     "args": {"g_ptr": "*fp32", "partials_ptr": "*fp32", "rows": size, "cols": width,
-                              "stride_gb": size * width, "stride_gm": width, "stride_gn": 1,
-                              "rows_per_chunk": rows_per_chunk, "n_chunks": n_chunks, **flags,
+                     "args": {"g_ptr": "*fp32", "partials_ptr": "*fp32", "copy_ptr": "*bf16", "rows": size,
+                              "cols": width, "stride_gb": size * width, "stride_gm": width, "stride_gn": 1,
+                              "rows_per_chunk": rows_per_chunk, "n_chunks": n_chunks, "WRITE_COPY": True, **flags,
                               "BLOCK_R": ns._NORM_BLOCK_ROWS, "BLOCK_C": ns._tile(width, 256)}}),
-        Kernel("triton _syrk_kernel (A = X X^T, step 1)", "Gram of the fp32 G, normalization folded in",
-               "triton", ctas=tiles(gram), spec=syrk("*fp32", width, False, True, gram, 1.0, 0.0)),
+        Kernel("triton _syrk_kernel (A = X X^T, step 1)", "Gram of X0, normalization folded in",
+               "triton", ctas=tiles(gram), spec=syrk("*bf16", width, False, True, gram, 1.0, 0.0)),
         Kernel("triton _syrk_kernel (A = X X^T)", "Gram, lower-triangle tiles mirrored", "triton",
                ctas=tiles(gram), spec=syrk("*bf16", width, False, False, gram, 1.0, 0.0)),
         Kernel("triton _syrk_kernel (B = bA + cA^2)", "polynomial of A, bA fused in the epilogue", "triton",
                ctas=tiles(poly), spec=syrk("*bf16", size, True, False, poly, 2.0315, -4.7750)),
-        Kernel("triton _update_kernel (step 1)", "X' = aX + BX from the fp32 G", "triton", ctas=upd_ctas,
-               spec=update("*fp32", True)),
+        Kernel("triton _update_kernel (step 1)", "X' = aX + BX from X0, normalization folded in", "triton",
+               ctas=upd_ctas, spec=update("*bf16", True)),
         Kernel("triton _update_kernel", "X' = aX + BX", "triton", ctas=upd_ctas, spec=update("*bf16", False)),
-    ], notes=["bytes: 5 steps x 2 B x (3MN + 4M^2) per matrix + the fp32 G read (bench/NOTES.md); "
+    ], notes=["bytes: the fp32 G read and bf16 output write per matrix, + X0 and 5 steps x 2 B x (3MN + 4M^2) "
+              "where a stack runs in one pass (all four on an H100: L2-sized passes would not fill a wave; "
+              "bench/NOTES.md); "
               "FLOPs: the symmetric count (one triangle of X X^T and A A)"])
 
 
