@@ -46,8 +46,10 @@ E5M2 = torch.float8_e5m2
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm, alpha,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    """c[M, N] = alpha * a[M, :K] @ b[N, :K]^T; a, b fp8 with unit stride along K."""
+                     GROUP_M: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr):
+    """c[M, N] = alpha * a[M, :K] @ b[N, :K]^T; a, b fp8 with unit stride along K.
+
+    MAX_IMPRECISE_ACC: tl.dot's max_num_imprecise_acc (see _gemm_triton)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -66,7 +68,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_
         k = k0 + ks
         a = tl.load(a_rows + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(b_cols + k[:, None], mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
     out = acc * alpha
     c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
     tl.store(c, out.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -122,6 +124,21 @@ def _ce_grad_e5m2_kernel(logits_ptr, targets_ptr, loss_ptr, factor_ptr, g8_ptr, 
     tl.store(g8t_ptr + cols.to(tl.int64)[None, :] * stride_g8t + rows[:, None], q, mask=mask)
 
 
+# ---- accumulation ----------------------------------------------------------------------
+# Hopper's fp8 wgmma keeps its running fp32 sum with ~14 significant bits (truncated; the
+# DeepSeek-V3 report measures it): one chain over K = 50304 loses a few % (the error model
+# and its emulation: tests/test_fp8_head.py).  So every GEMM can "promote": each PROMOTE_K
+# of K is a fresh wgmma chain whose result is added to fp32 registers (DeepGEMM's scheme;
+# the record's backward, _scaled_mm(use_fast_accum=False), is the cuBLASLt equivalent).
+# dx and dW always promote.  y does not by default (PROMOTE_Y): K = 768 is 24 k32 steps,
+# <= 2.9e-3 relative in the worst case and ~6e-4 measured in the emulation, under the bf16
+# rounding of y itself; the record's forward is fast-accumulated too; and unpromoted the
+# CUDA kernel keeps its 128x256 tile (promoted needs 2x the accumulator registers, so
+# 128x128).  Set PROMOTE_Y = True to promote y as well.
+PROMOTE_K = 128
+PROMOTE_Y = False
+
+
 # ---- backend pieces -------------------------------------------------------------------
 # quantize(t, scale, e5m2, transpose) -> (q, qt): q = fp8(t * scale) [R, >= C], qt its
 # transpose [C, >= R] (or [0]); gemm(a, b, k, alpha, out_fp32) -> alpha * a[:, :k] @ b[:, :k]^T;
@@ -142,19 +159,27 @@ def _quantize_cuda(t, scale, e5m2, transpose):
     return torch.ops.speedrun_cuda.fp8_cast(t, scale, e5m2, transpose)
 
 
-def _gemm_triton(a, b, k, alpha, out_fp32):
+def _gemm_triton(a, b, k, alpha, out_fp32, promote):
     m, n = a.shape[0], b.shape[0]
     c = torch.empty((m, n), device=a.device, dtype=torch.float32 if out_fp32 else torch.bfloat16)
     block_m, block_n, block_k = (128, 128, 128) if a.is_cuda else (32, 32, 32)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    # The accumulation mode, as in the CUDA kernel.  Triton 3.6 and 3.8 default
+    # max_num_imprecise_acc to 2**30 for fp8 on sm_90 (nvidia compiler.py): one wgmma chain
+    # over all of K, like use_fast_accum=True; None keeps that (an explicit value must be
+    # <= BLOCK_K).  promote: BLOCK_K (= PROMOTE_K on a GPU), so each tl.dot accumulates its
+    # 128 of K in a fresh wgmma chain and adds it to `acc` in fp32 (the interpreter's fp32
+    # dot has no such mode: there it only has to be valid).
+    imprecise = min(PROMOTE_K, block_k) if promote else None
     _fp8_gemm_kernel[grid](a, b, c, m, n, k, a.stride(0), b.stride(0), c.stride(0), alpha,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                           MAX_IMPRECISE_ACC=imprecise,
                            num_warps=8 if a.is_cuda else 4, num_stages=3 if a.is_cuda else 1)
     return c
 
 
-def _gemm_cuda(a, b, k, alpha, out_fp32):
-    return torch.ops.speedrun_cuda.fp8_gemm(a, b, k, alpha, out_fp32)
+def _gemm_cuda(a, b, k, alpha, out_fp32, promote):
+    return torch.ops.speedrun_cuda.fp8_gemm(a, b, k, alpha, out_fp32, promote)
 
 
 def _ce_grad_triton(logits, targets, row_loss, row_factor, cap, kind, scale, ignore_index, grad_scale):
@@ -185,14 +210,15 @@ def _head_forward(x, weight, x_scale, w_scale, need_grad, backend):
     """(y bf16 [N, V], x8t, w8t): the transposed e4m3 copies only when a backward will follow."""
     x8, x8t = _QUANTIZE[backend](x, x_scale, False, need_grad)
     w8, w8t = _QUANTIZE[backend](weight, w_scale, False, need_grad)
-    y = _GEMM[backend](x8, w8, x.shape[1], 1.0 / (x_scale * w_scale), False)
+    y = _GEMM[backend](x8, w8, x.shape[1], 1.0 / (x_scale * w_scale), False, PROMOTE_Y)
     return y, x8t, w8t
 
 
 def _head_backward(g8, g8t, x8t, w8t, n, k, v, x_scale, w_scale, grad_scale, w_dtype, backend):
-    """dx = g8 @ w8 (bf16) and dW = g8^T @ x8 (fp32 accumulation, then weight's dtype)."""
-    dx = _GEMM[backend](g8, w8t, v, 1.0 / (grad_scale * w_scale), False)
-    dw = _GEMM[backend](g8t, x8t, n, 1.0 / (grad_scale * x_scale), True)
+    """dx = g8 @ w8 (bf16) and dW = g8^T @ x8 (fp32 accumulation, then weight's dtype),
+    both promoted to fp32 every PROMOTE_K of their long K (50304 and N)."""
+    dx = _GEMM[backend](g8, w8t, v, 1.0 / (grad_scale * w_scale), False, True)
+    dw = _GEMM[backend](g8t, x8t, n, 1.0 / (grad_scale * x_scale), True, True)
     return dx, dw.to(w_dtype)
 
 
