@@ -18,7 +18,8 @@
 //   fast      one wgmma chain over all of K, like _scaled_mm(use_fast_accum=True).  Hopper
 //             keeps an fp8 wgmma's running sum with ~14 significant bits (truncated; the
 //             DeepSeek-V3 report), so the error grows with K: fine for y (K = 768), a few %
-//             for dx and dW (K ~ 50k).  Tile 128 x 256 x 128, 4 stages of 48 KiB.
+//             for dx and dW (K ~ 50k).  Tile 128 x 256 x 128, 4 stages of 48 KiB (3 with
+//             bf16 out, whose epilogue stages the tile for a TMA store: see Epilogue).
 //   promoted  every k-block (128 of K) is a fresh chain (scale_d = 0 on its first wgmma),
 //             waited for and added into fp32 registers (FADD): the error stays that of 4
 //             truncated steps whatever K (DeepGEMM's scheme; model and emulation in
@@ -77,8 +78,16 @@
 // Accumulator layout (wgmma m64nN, fp32, N/2 per thread): warp w owns rows 16w..16w+15;
 // lane l holds, for every 8-column group j, d[4j+0..1] = row 16w + l/4, columns
 // 8j + 2(l%4) + {0,1}, and d[4j+2..3] = the same columns of row 16w + l/4 + 8.
-// The epilogue multiplies by alpha and stores pairs (bf16x2 or float2) straight from
-// registers, predicated on the bounds.
+// Epilogue, fast bf16 (y): each consumer warpgroup writes alpha * acc as bf16 into its own
+// 32 KiB staging area (4 boxes of 64 rows x 128 B, 128B-swizzled: conflict-free), fences
+// it for the async proxy and one thread issues 4 TMA stores (cp.async.bulk.tensor, bulk
+// group) without waiting: the warpgroup goes on to the next tile's wgmmas while the TMA
+// unit writes y, and waits for the store to have read the area only before refilling it
+// a tile later.  That costs 64 KiB of shared memory, so this instance has 3 stages.  TMA
+// clips the boxes at the tensor's end.  Other instances, and y when c's base or row
+// stride is not 16-byte aligned: alpha * acc stored as pairs (bf16x2 or float2)
+// straight from registers, predicated on the bounds (dx and dW outputs are 1.5 % and
+// 3 % of y's bytes).
 //
 // ---- Casts -------------------------------------------------------------------------
 // cast_fp8_kernel: 64 x 64 tiles; q = fp8(round_to_src_dtype(v * scale)) exactly like
@@ -109,6 +118,7 @@
 #include <cstdint>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 namespace speedrun {
 namespace {
@@ -119,25 +129,38 @@ constexpr int kBK = 128;  // bytes of K per stage row: exactly one 128-byte swiz
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
 constexpr int kStageBytesA = kBM * kBK;
-// Fast accumulation: 128 x 256 tiles, 4 stages of 48 KiB.
+// Fast accumulation: 128 x 256 tiles, 4 stages of 48 KiB (3 and a 64 KiB store tile with bf16 out).
 constexpr int kBNFast = 256;
 constexpr int kStagesFast = 4;
 // Promoted: 128 x 128 tiles (the fp32 copy doubles the accumulator registers: 64 + 64 per
 // thread instead of 128 + 128, which would not fit 255), 6 stages of 32 KiB.
 constexpr int kBNPromoted = 128;
 constexpr int kStagesPromoted = 6;
-// Stage buffers (1024-aligned), then 2 * stages mbarriers; +1024 for aligning the base.
+// Fast with bf16 output (y): the tile is staged in shared memory for a TMA store that runs
+// while the next tile's mainloop does (64 KiB), so 3 stages.
+constexpr int kStagesFastTmaStore = 3;
+constexpr int kStoreTileBytes = kBM * kBNFast * 2;
+// Stage buffers (1024-aligned), [the store tile,] then 2 * stages mbarriers; +1024 for
+// aligning the base.
 constexpr int kSmemBytesFast = kStagesFast * (kStageBytesA + kBNFast * kBK) + 2 * kStagesFast * 8 + 1024;
+constexpr int kStageBytesFast = kStageBytesA + kBNFast * kBK;
+constexpr int kSmemBytesFastTmaStore = kStagesFastTmaStore * kStageBytesFast + kStoreTileBytes + 2 * kStagesFastTmaStore * 8 + 1024;
 constexpr int kSmemBytesPromoted = kStagesPromoted * (kStageBytesA + kBNPromoted * kBK) + 2 * kStagesPromoted * 8 + 1024;
+// The TMA store box: 64 bf16 columns (128 bytes, the 128B swizzle span) x 64 rows, one
+// consumer warpgroup's rows; a tile is 4 boxes per warpgroup.
+constexpr int kStoreBoxCols = 64;
+constexpr int kStoreBoxBytes = kStoreBoxCols * 2 * 64;
 // Tile order: a y-like GEMM (more column tiles than CTAs) walks groups of kGroupMWide row
 // tiles; one whose column tiles fit a wave takes whole rows per wave instead (bench/NOTES.md).
 constexpr int kGroupMWide = 32;
 
-template <bool kPromote>
+template <bool kPromote, bool kTmaStore>
 struct GemmConfig {
+  static_assert(!(kPromote && kTmaStore), "the TMA-store epilogue is the fast bf16 kernel's");
   static constexpr int kBN = kPromote ? kBNPromoted : kBNFast;
-  static constexpr int kStages = kPromote ? kStagesPromoted : kStagesFast;
-  static constexpr int kSmemBytes = kPromote ? kSmemBytesPromoted : kSmemBytesFast;
+  static constexpr int kStages = kPromote ? kStagesPromoted : kTmaStore ? kStagesFastTmaStore : kStagesFast;
+  static constexpr int kSmemBytes = kPromote ? kSmemBytesPromoted : kTmaStore ? kSmemBytesFastTmaStore : kSmemBytesFast;
+  static constexpr int kStoreBytes = kTmaStore ? kStoreTileBytes : 0;
   static constexpr int kAccum = kBN / 2;  // fp32 accumulators per consumer thread for m64 x kBN
   static constexpr int kStageBytesB = kBN * kBK;
   static constexpr int kStageBytes = kStageBytesA + kStageBytesB;
@@ -185,6 +208,26 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
           smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
       : "memory");
+}
+
+// 2-D TMA store of the box at (inner, outer) element coordinates from shared memory, in
+// this thread's bulk group; elements outside the tensor are not written.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int inner, int outer) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_addr(src)), "r"(inner), "r"(outer)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Until this thread's committed bulk stores have read their shared memory (it may be reused).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Until they have completed (before the CTA exits).
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Generic-proxy writes to shared memory made visible to the async proxy (the TMA unit).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads.
+__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
@@ -325,21 +368,48 @@ __device__ __forceinline__ void store_fragment(const float (&d)[kAccum], OutT* _
   }
 }
 
+// The TMA-store epilogue of one consumer thread: alpha * d as bf16 pairs into its
+// warpgroup's 64 x 256 staging area, laid out as 4 boxes of 64 rows x 128 bytes with the
+// 128B swizzle the store's tensor map names (16-byte chunk q of row r at chunk q ^ (r % 8)).
+// A warp's 32 four-byte writes (8 rows x 4 lanes, one chunk of each row) hit 32 distinct
+// banks.  `row` is the thread's first row in the warpgroup (the second is row + 8).
+// Written with st.shared (a generic store would cost an address-space check each).
+__device__ __forceinline__ void stage_fragment(const float (&d)[128], const uint8_t* area, int row, int lane,
+                                               float alpha) {
+  const uint32_t base = smem_addr(area) + (lane % 4) * 4;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {  // 8-column group j: box j / 8, chunk j % 8 of its rows
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row + 8 * h;
+      const __nv_bfloat162 v = __floats2bfloat162_rn(d[4 * j + 2 * h] * alpha, d[4 * j + 2 * h + 1] * alpha);
+      const uint32_t dst = base + (j / 8) * kStoreBoxBytes + r * 128 + (((j % 8) ^ (r % 8)) * 16);
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(dst), "r"(*reinterpret_cast<const uint32_t*>(&v)) : "memory");
+    }
+  }
+}
+
 // C[M, N] = alpha * A[M, K] . B[N, K]^T; A e4m3 (kAE5M2 false) or e5m2, B e4m3; OutT
 // __nv_bfloat16 or float.  kPromote: fp32 promotion of every k-block (GemmConfig).
 // `vector_ok`: pairs of columns may be stored as one 4/8-byte access (ldc even, c aligned).
+// `tma_store` (fast bf16 instances only): the tile goes out through shared memory and
+// map_c's TMA store, asynchronously, while this warpgroup starts its next tile; else the
+// stores come straight from the registers.
 template <bool kAE5M2, typename OutT, bool kPromote>
 __global__ void __launch_bounds__(kThreads, 1)
 fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                OutT* __restrict__ c, int M, int N, int K, int64_t ldc, float alpha, bool vector_ok, int group_m) {
-  using Cfg = GemmConfig<kPromote>;
+                const __grid_constant__ CUtensorMap map_c, OutT* __restrict__ c, int M, int N, int K, int64_t ldc,
+                float alpha, bool vector_ok, bool tma_store, int group_m) {
+  constexpr bool kTmaStore = !kPromote && std::is_same_v<OutT, __nv_bfloat16>;
+  using Cfg = GemmConfig<kPromote, kTmaStore>;
   constexpr int kStages = Cfg::kStages;
   constexpr int kStageBytes = Cfg::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
   // The dynamic shared-memory base is only 16-byte aligned by the language: align it to
   // 1024 bytes (the 128B swizzle atom) by hand; the shared-memory size has the slack for it.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint8_t* store_tile = smem + kStages * kStageBytes;  // kStoreBytes (0 without the TMA store)
+  uint64_t* full = reinterpret_cast<uint64_t*>(store_tile + Cfg::kStoreBytes);
   uint64_t* empty = full + kStages;
 
   const int tiles_m = (M + kBM - 1) / kBM;
@@ -364,6 +434,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
     if (threadIdx.x == 0) {
       tma_prefetch_descriptor(&map_a);
       tma_prefetch_descriptor(&map_b);
+      if (kTmaStore && tma_store) tma_prefetch_descriptor(&map_c);
       int stage = 0;
       uint32_t phase = 0;
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
@@ -449,9 +520,35 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
         wgmma_wait<0>();
         fence_accumulators(acc);
         if (lane == 0) mbar_arrive(&empty[previous]);
+        if constexpr (kTmaStore) {
+          if (tma_store) {
+            // This warpgroup's staging area may still be read by the TMA store of its
+            // previous tile (issued a whole mainloop ago, so normally done): its issuing
+            // thread waits, then the warpgroup writes, fences for the async proxy, and
+            // the issuing thread sends the 4 boxes without waiting for them.
+            uint8_t* area = store_tile + consumer * 4 * kStoreBoxBytes;
+            const bool issuer = threadIdx.x % 128 == 0;
+            if (issuer) bulk_wait_read();
+            named_barrier(1 + consumer, 128);
+            stage_fragment(acc, area, warp * 16 + lane / 4, lane, alpha);
+            fence_async_shared();
+            named_barrier(1 + consumer, 128);
+            if (issuer) {
+#pragma unroll
+              for (int box = 0; box < 4; ++box) {
+                tma_store_2d(&map_c, area + box * kStoreBoxBytes, tile.n * Cfg::kBN + box * kStoreBoxCols,
+                             tile.m * kBM + consumer * 64);
+              }
+              bulk_commit();
+            }
+            continue;
+          }
+        }
         store_fragment(acc, c, row0, col0, M, N, ldc, alpha, vector_ok);
       }
     }
+    // The last tile's stores must finish before the CTA (and its shared memory) goes away.
+    if (kTmaStore && tma_store && threadIdx.x % 128 == 0) bulk_wait_all();
   }
 }
 
@@ -650,9 +747,26 @@ CUtensorMap operand_map(const at::Tensor& t, int64_t k, int box_rows) {
   return map;
 }
 
+// The TMA-store map of a bf16 output c [M, N]: boxes of 64 columns (128 bytes) x 64 rows,
+// 128-byte swizzle (the staging layout of stage_fragment).  The caller checked TMA's rules.
+CUtensorMap output_map(const at::Tensor& c) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(c.size(1)), static_cast<cuuint64_t>(c.size(0))};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(c.stride(0) * 2)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kStoreBoxCols), 64};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c.data_ptr(), dims, strides, box,
+                                      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "fp8_gemm: cuTensorMapEncodeTiled (output) failed with error ",
+              static_cast<int>(res));
+  return map;
+}
+
 template <bool kAE5M2, typename OutT, bool kPromote>
 void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, float alpha, at::Tensor& c) {
-  using Cfg = GemmConfig<kPromote>;
+  constexpr bool kTmaStore = !kPromote && std::is_same_v<OutT, __nv_bfloat16>;
+  using Cfg = GemmConfig<kPromote, kTmaStore>;
   const int M = static_cast<int>(a.size(0));
   const int N = static_cast<int>(b.size(0));
   const CUtensorMap map_a = operand_map(a, k, kBM);
@@ -670,9 +784,15 @@ void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, float alph
   // DRAM.  Many (y): groups of kGroupMWide row tiles, so w8 is re-read once per group.
   const int group_m = tiles_n <= grid ? std::max(1, grid / tiles_n) : kGroupMWide;
   const bool vector_ok = c.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 8 == 0;
+  // TMA stores need a 16-byte aligned base and row stride (N % 8 == 0 for a dense bf16 c);
+  // other shapes take the register stores.
+  const bool tma_store = kTmaStore && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 &&
+                         (c.stride(0) * static_cast<int64_t>(sizeof(OutT))) % 16 == 0;
+  CUtensorMap map_c{};
+  if (tma_store) map_c = output_map(c);
   kernel<<<grid, kThreads, Cfg::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
-      map_a, map_b, reinterpret_cast<OutT*>(c.data_ptr()), M, N, static_cast<int>(k), c.stride(0), alpha,
-      vector_ok, group_m);
+      map_a, map_b, map_c, reinterpret_cast<OutT*>(c.data_ptr()), M, N, static_cast<int>(k), c.stride(0), alpha,
+      vector_ok, tma_store, group_m);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

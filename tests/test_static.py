@@ -211,3 +211,16 @@ def test_fp8_head_triton_gemm_promotes_with_max_num_imprecise_acc():
         body = _k_loop(sass.code(sass.sass(str(cubin))[meta["name"]]))
         fadds = sum(1 for i in body if i.base == "FADD")
         assert fadds == (64 if "promoted" in name else 0), (name, fadds)
+
+
+def test_fp8_head_y_epilogue_is_a_tma_store():
+    # y (fast, bf16 out) stages its tile in shared memory and sends it with 4 TMA stores per
+    # consumer warpgroup (UTMASTG, one per 64 x 64 box) while the next tile's loop runs;
+    # the register path stays for unaligned outputs.  The fp32 / promoted instances have
+    # no TMA store.
+    records = _fp8_records()
+    y = records["cuda fp8_gemm<e4m3,bf16> (y)"]
+    assert y["tma_stores"] == 4 and y["smem_bytes"] <= 227 * 1024 and y["ctas_per_sm"] == 1
+    for name in ("cuda fp8_gemm<e5m2,bf16,promoted> (dx)", "cuda fp8_gemm<e5m2,fp32,promoted> (dW)",
+                 "cuda fp8_gemm<e5m2,fp32>"):
+        assert records[name]["tma_stores"] == 0, name

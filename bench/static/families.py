@@ -153,7 +153,9 @@ def fp8_head() -> Op:
         return Kernel(f"cuda fp8_gemm<{a_type},{out}{mode}>{label}", role, "cuda", threads=c["kThreads"],
                       ctas=min(cdiv(rows, c["kBM"]) * cdiv(cols, bn), hopper.SMS), source="fp8_head.cu",
                       symbol=f"fp8_gemm_kernelI{mangled}Lb{int(promoted)}E",
-                      dynamic_smem=c["kSmemBytesPromoted" if promoted else "kSmemBytesFast"], runs_in_speedrun=runs)
+                      dynamic_smem=c["kSmemBytesPromoted" if promoted
+                                     else "kSmemBytesFastTmaStore" if out == "bf16" else "kSmemBytesFast"],
+                      runs_in_speedrun=runs)
 
     def cast(src: str, mangled: str, e5m2: bool, rows: int, cols: int, role: str, runs: bool) -> Kernel:
         return Kernel(f"cuda cast_fp8<{src},{'e5m2' if e5m2 else 'e4m3'}>", role, "cuda", threads=c["kCastThreads"],
@@ -177,7 +179,8 @@ def fp8_head() -> Op:
     return Op("fp8_head", f"y = x8 @ w8^T at M={m}, V={V}, K={D} (e4m3 in, bf16 out); dx, dW alike",
               bytes=y_bytes, flops=bench.flops(*bench.gemm_shape("y", m)), flop_kind="fp8", kernels=[
         gemm("e4m3", "bf16", y_promoted, m, V, " (y)", "y GEMM: TMA + wgmma, persistent, 2 consumer warpgroups, "
-             "one wgmma chain over K = 768 (kernels/fp8_head.py PROMOTE_Y)", True),
+             "one wgmma chain over K = 768 (kernels/fp8_head.py PROMOTE_Y), y out by TMA store overlapped with "
+             "the next tile", True),
         gemm("e5m2", "bf16", True, m, D, " (dx)", "dx GEMM (e5m2 gradient operand), fp32 promotion every 128 of K",
              True),
         gemm("e5m2", "fp32", True, V, D, " (dW)", "dW GEMM, fp32 output, fp32 promotion every 128 of K", True),
