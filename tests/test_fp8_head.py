@@ -636,3 +636,43 @@ def test_cuda_fused_head_matches_reference(reduction):
     assert rel_err(result[0], expected[0]) < 1e-5  # same bf16 logits up to sum order
     # e5m2 gradients: rare rounding flips from a different rounding order of the factor.
     assert rel_err(result[1], expected[1]) < 2e-2 and rel_err(result[2], expected[2]) < 2e-2
+
+
+# ---- the bench's baselines (bench/bench_fp8_head.py), on CPU tensors ------------------------
+
+@pytest.mark.skipif(not _backend.interpreter_enabled(), reason="runs the Triton GEMM in the interpreter")
+@pytest.mark.parametrize("promote_y", [False, True])
+def test_bench_compares_each_gemm_with_scaled_mm_in_ours_and_the_records_mode(monkeypatch, promote_y):
+    from bench import bench_fp8_head as bench, harness
+    monkeypatch.setattr(bench, "V", 40)
+    monkeypatch.setattr(bench, "K", 24)
+    monkeypatch.setattr(fp8_head, "PROMOTE_Y", promote_y)
+    entries, timed = [], []
+
+    class Run:
+        ceilings = {}
+
+        def add(self, entry):
+            entries.append(entry)
+
+    def timer(fn):
+        timed.append(fn)
+        return 1.0 + len(timed)  # a distinct made-up time per timing
+
+    bench.run_gemms(Run(), 24, ["ours-triton", "scaled_mm-same", "scaled_mm-record"], timer, "cpu")
+    by = {(e.params["gemm"], e.impl): e for e in entries}
+    assert len(by) == 9 and all(e.error is None for e in entries)
+    for gemm in ("y", "dx", "dW"):
+        ours_mode = "promoted" if gemm != "y" or promote_y else "fast"
+        record_mode = "fast" if gemm == "y" else "promoted"
+        assert by[gemm, "ours-triton"].params["accumulation"] == ours_mode
+        assert by[gemm, "scaled_mm-same"].params["accumulation"] == ours_mode
+        assert by[gemm, "scaled_mm-record"].params["accumulation"] == record_mode
+        assert by[gemm, "scaled_mm-same"].ceiling == (harness.FP8_MATMUL_PROMOTED if ours_mode == "promoted"
+                                                      else harness.FP8_MATMUL)
+        # One _scaled_mm timing when the modes agree, shared by both rows; two otherwise.
+        same = by[gemm, "scaled_mm-same"].ms == by[gemm, "scaled_mm-record"].ms
+        assert same == (ours_mode == record_mode)
+        assert by[gemm, "scaled_mm-record"].extra == ({"same_call_as_the_other_scaled_mm": True} if same else {})
+        assert all(by[gemm, impl].checks["ok"] for impl in ("ours-triton", "scaled_mm-same", "scaled_mm-record"))
+    assert len(timed) == 3 * 2 + (1 if promote_y else 0)
