@@ -249,8 +249,8 @@ def gemm_oracle(a, b, k, alpha):
 # ---- FP8 accumulation on Hopper: the error model the GPU tolerances come from ---------------
 # Model (stated, not measured here): wgmma with fp8 operands keeps its running fp32
 # accumulator with only 14 significant bits (e8m13: the DeepSeek-V3 technical report,
-# arXiv:2412.19437 §3.3.2, measures "around 14 bits" on H800; e8m13 with truncation is
-# the format reported by PyTorch's FP8 accumulation study).  Each k32 wgmma adds its 32
+# arXiv:2412.19437 §3.3.2, measures "around 14 bits" on H800; third-party H100
+# measurements describe it as e8m13 with truncation).  Each k32 wgmma adds its 32
 # exact fp8 products to the accumulator and the sum is truncated (rounded toward zero) to
 # 14 significant bits; the within-group alignment loss is folded into that truncation.
 # One truncation loses less than one unit of the 14th bit: relative error < 2^-13.
@@ -267,13 +267,13 @@ def gemm_oracle(a, b, k, alpha):
 # is PROMOTED_TOL = 4 * 2^-13 = 2^-11, independent of K; the emulation below measures
 # ~1.1e-4 there, 4x inside it.
 ACC_TRUNC = 2.0**-13      # one truncation of the 14-significant-bit accumulator
-PROMOTE_K = 128           # K per promoted chunk (csrc/fp8_head.cu, Triton's max_num_imprecise_acc)
+PROMOTE_K = fp8_head.PROMOTE_K  # 128: K per promoted chunk (csrc/fp8_head.cu kBK, Triton's max_num_imprecise_acc)
 PROMOTED_TOL = PROMOTE_K // 32 * ACC_TRUNC
 BF16_ROUND = 2.0**-9      # round-to-nearest to bf16's 8 significant bits, relative
 
 
 def fast_acc_tol(k):
-    """Worst-case relative error of one unaccumulated-promotion chain over k (model above)."""
+    """Worst-case relative error of one wgmma chain over k without promotion (model above)."""
     return -(-k // 32) * ACC_TRUNC
 
 
