@@ -26,16 +26,19 @@
 //             tests/test_fp8_head.py).  The fp32 copy doubles the registers per output, so
 //             the tile is 128 x 128 x 128 (64 + 64 floats per consumer thread, wgmma
 //             m64n128k32), 6 stages of 32 KiB.
-// Fast mode, tile 128 x 256 x 128 (BM x BN x BK), 4 shared-memory stages:
+// Fast mode, tile 128 x 256 x 128 (BM x BN x BK):
 //   stage = A tile 128 rows x 128 B (16 KiB) + B tile 256 rows x 128 B (32 KiB) = 48 KiB,
-//   4 stages = 192 KiB + 8 mbarriers, under the 227 KiB an sm_90 CTA may use; 1 CTA/SM.
+//   fp32 out: 4 stages = 192 KiB; bf16 out: 3 stages + the 64 KiB store tile = 208 KiB;
+//   + the mbarriers, under the 227 KiB an sm_90 CTA may use; 1 CTA/SM.  Promoted:
+//   stage = 16 + 16 KiB, 6 stages = 192 KiB.
 // 384 threads = 3 warpgroups:
 //   WG0   producer: one elected thread issues the TMA loads of every stage; the warpgroup
 //         gives its registers back (setmaxnreg.dec 40).
 //   WG1-2 consumers ("cooperative"): both work on the same 128 x 256 tile, WG1 on rows
 //         0-63 and WG2 on rows 64-127, each with wgmma m64n256k32 (4 per k-block of 128):
-//         128 fp32 accumulators per thread; setmaxnreg.inc 232 (40*128 + 232*256 = 64512
-//         of the SM's 65536 registers).
+//         128 fp32 accumulators per thread (promoted: m64n128k32, 64 + 64 for the fp32
+//         sum); setmaxnreg.inc 232 (40*128 + 232*256 = 64512 of the SM's 65536
+//         registers; ptxas still allots the code 168, which bounds what fits).
 // Persistent: grid = min(#tiles, #SMs); CTA b takes tiles b, b + grid, ...  Tiles are
 // ordered in groups of group_m row-tiles (all column tiles of a group before the next
 // group, row fastest inside it), so the CTAs of one wave share A rows and B rows in L2:
@@ -48,8 +51,8 @@
 // (8 arrivals: lane 0 of each consumer warp after its wgmmas on stage s completed).
 // Fast: consumers keep one k-block of wgmmas in flight (wait_group 1) before releasing
 // the previous stage.  Promoted: each k-block is waited for (wait_group 0), its stage
-// released, then added into fp32; the two consumer warpgroups drift apart, so one's
-// wgmmas run while the other adds.
+// released, then added into fp32; the other consumer warpgroup's wgmmas can run on the
+// tensor cores while one adds.
 //
 // Shared-memory layout and the wgmma descriptors.  Each TMA box is {128 bytes of K,
 // rows} with CU_TENSOR_MAP_SWIZZLE_128B: row r of the box lands at byte r*128 of the
