@@ -144,6 +144,7 @@ def fraction_of(value: float | None, ceiling: float | None) -> float | None:
 COPY_BANDWIDTH = "copy_bandwidth"
 BF16_MATMUL = "bf16_matmul"
 FP8_MATMUL = "fp8_matmul"
+FP8_MATMUL_PROMOTED = "fp8_matmul_promoted"
 
 COPY_BYTES = 1 << 30  # 1 GiB each way: far beyond L2, long enough to reach steady state
 MATMUL_SIZE = 8192
@@ -186,15 +187,17 @@ def _bf16_matmul_fn():
     return lambda: torch.matmul(a, b, out=out)
 
 
-def _fp8_matmul_fn():
+def _fp8_matmul_fn(fast_accum: bool = True):
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device="cuda").to(torch.float8_e4m3fn)
     # _scaled_mm wants the second operand column-major: the transpose of a row-major tensor.
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device="cuda").to(torch.float8_e4m3fn).t()
     one = torch.ones((), device="cuda", dtype=torch.float32)
 
-    # Fast accumulation, as the records' FP8 head uses: the throughput an FP8 kernel can reach.
+    # fast_accum: one tensor-core chain over K, as the records' FP8 forward uses: the
+    # throughput an FP8 kernel can reach.  Without it cuBLASLt promotes the partial sums to
+    # fp32 along K (the records' backward): the ceiling for promoted-accumulation GEMMs.
     def matmul():
-        return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
+        return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
     matmul()  # an unsupported GPU or torch fails here, with a clear error, not inside do_bench
     return matmul
@@ -221,6 +224,10 @@ def measure_ceilings(timing: Timing) -> dict[str, Ceiling]:
                 "fp8 matmul", TFLOPS,
                 f"torch._scaled_mm {size}, e4m3 operands, per-tensor scales, bf16 out, fast accumulation",
                 matmul_flops, _fp8_matmul_fn, timing),
+            FP8_MATMUL_PROMOTED: _measure_ceiling(
+                "fp8 matmul, promoted", TFLOPS,
+                f"torch._scaled_mm {size}, e4m3 operands, per-tensor scales, bf16 out, use_fast_accum=False",
+                matmul_flops, lambda: _fp8_matmul_fn(fast_accum=False), timing),
         }
     return _ceilings
 

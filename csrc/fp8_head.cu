@@ -14,25 +14,45 @@
 // where w8T, x8T and g8T are transposed copies written by the cast kernels (and by the
 // e5m2 cross-entropy gradient kernel) in the same pass that writes w8, x8 and g8.
 //
-// Tile 128 x 256 x 128 (BM x BN x BK), 4 shared-memory stages:
+// Two accumulation modes (template kPromote, runtime `promote` of the op):
+//   fast      one wgmma chain over all of K, like _scaled_mm(use_fast_accum=True).  Hopper
+//             keeps an fp8 wgmma's running sum with ~14 significant bits (truncated; the
+//             DeepSeek-V3 report), so the error grows with K: fine for y (K = 768), a few %
+//             for dx and dW (K ~ 50k).  Tile 128 x 256 x 128, 4 stages of 48 KiB (3 with
+//             bf16 out, whose epilogue stages the tile for a TMA store: see Epilogue).
+//   promoted  every k-block (128 of K) is a fresh chain (scale_d = 0 on its first wgmma),
+//             waited for and added into fp32 registers (FADD): the error stays that of 4
+//             truncated steps whatever K (DeepGEMM's scheme; model and emulation in
+//             tests/test_fp8_head.py).  The fp32 copy doubles the registers per output, so
+//             the tile is 128 x 128 x 128 (64 + 64 floats per consumer thread, wgmma
+//             m64n128k32), 6 stages of 32 KiB.
+// Fast mode, tile 128 x 256 x 128 (BM x BN x BK):
 //   stage = A tile 128 rows x 128 B (16 KiB) + B tile 256 rows x 128 B (32 KiB) = 48 KiB,
-//   4 stages = 192 KiB + 8 mbarriers, under the 227 KiB an sm_90 CTA may use; 1 CTA/SM.
+//   fp32 out: 4 stages = 192 KiB; bf16 out: 3 stages + the 64 KiB store tile = 208 KiB;
+//   + the mbarriers, under the 227 KiB an sm_90 CTA may use; 1 CTA/SM.  Promoted:
+//   stage = 16 + 16 KiB, 6 stages = 192 KiB.
 // 384 threads = 3 warpgroups:
 //   WG0   producer: one elected thread issues the TMA loads of every stage; the warpgroup
 //         gives its registers back (setmaxnreg.dec 40).
 //   WG1-2 consumers ("cooperative"): both work on the same 128 x 256 tile, WG1 on rows
 //         0-63 and WG2 on rows 64-127, each with wgmma m64n256k32 (4 per k-block of 128):
-//         128 fp32 accumulators per thread; setmaxnreg.inc 232 (40*128 + 232*256 = 64512
-//         of the SM's 65536 registers).
+//         128 fp32 accumulators per thread (promoted: m64n128k32, 64 + 64 for the fp32
+//         sum); setmaxnreg.inc 232 (40*128 + 232*256 = 64512 of the SM's 65536
+//         registers; ptxas still allots the code 168, which bounds what fits).
 // Persistent: grid = min(#tiles, #SMs); CTA b takes tiles b, b + grid, ...  Tiles are
-// ordered in groups of kGroupM row-tiles (all column tiles of a group before the next
-// group), so the CTAs of one wave share A rows and B rows in L2.  The producer runs
-// ahead across tile boundaries, so the next tile's first stages load during the
-// consumers' epilogue.
+// ordered in groups of group_m row-tiles (all column tiles of a group before the next
+// group, row fastest inside it), so the CTAs of one wave share A rows and B rows in L2:
+// whole rows of tiles per wave when the column tiles fit a wave (dx, dW: an A row panel
+// is 128 x ~50k bytes, read by all its column tiles at once), else kGroupMWide row tiles
+// (y: w8 is re-read from DRAM once per group; arithmetic in bench/NOTES.md).  The
+// producer runs ahead across tile boundaries, so the next tile's first stages load
+// during the consumers' epilogue.
 // Pipeline: full[s] (1 arrival + the transaction bytes of the TMA loads) and empty[s]
 // (8 arrivals: lane 0 of each consumer warp after its wgmmas on stage s completed).
-// Consumers keep one k-block of wgmmas in flight (wait_group 1) before releasing the
-// previous stage.
+// Fast: consumers keep one k-block of wgmmas in flight (wait_group 1) before releasing
+// the previous stage.  Promoted: each k-block is waited for (wait_group 0), its stage
+// released, then added into fp32; the other consumer warpgroup's wgmmas can run on the
+// tensor cores while one adds.
 //
 // Shared-memory layout and the wgmma descriptors.  Each TMA box is {128 bytes of K,
 // rows} with CU_TENSOR_MAP_SWIZZLE_128B: row r of the box lands at byte r*128 of the
@@ -58,11 +78,19 @@
 // whose row stride is rounded up to 16 bytes (the tensor map's dims stay the logical
 // sizes), so every M, N, K >= 1 works; the raw op checks the alignment again.
 //
-// Accumulator layout (wgmma m64nN, fp32): warp w of the warpgroup owns rows 16w..16w+15;
+// Accumulator layout (wgmma m64nN, fp32, N/2 per thread): warp w owns rows 16w..16w+15;
 // lane l holds, for every 8-column group j, d[4j+0..1] = row 16w + l/4, columns
 // 8j + 2(l%4) + {0,1}, and d[4j+2..3] = the same columns of row 16w + l/4 + 8.
-// The epilogue multiplies by alpha and stores pairs (bf16x2 or float2) straight from
-// registers, predicated on the bounds.
+// Epilogue, fast bf16 (y): each consumer warpgroup writes alpha * acc as bf16 into its own
+// 32 KiB staging area (4 boxes of 64 rows x 128 B, 128B-swizzled: conflict-free), fences
+// it for the async proxy and one thread issues 4 TMA stores (cp.async.bulk.tensor, bulk
+// group) without waiting: the warpgroup goes on to the next tile's wgmmas while the TMA
+// unit writes y, and waits for the store to have read the area only before refilling it
+// a tile later.  That costs 64 KiB of shared memory, so this instance has 3 stages.  TMA
+// clips the boxes at the tensor's end.  Other instances, and y when c's base or row
+// stride is not 16-byte aligned: alpha * acc stored as pairs (bf16x2 or float2)
+// straight from registers, predicated on the bounds (dx and dW outputs are 1.5 % and
+// 3 % of y's bytes).
 //
 // ---- Casts -------------------------------------------------------------------------
 // cast_fp8_kernel: 64 x 64 tiles; q = fp8(round_to_src_dtype(v * scale)) exactly like
@@ -93,25 +121,55 @@
 #include <cstdint>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 namespace speedrun {
 namespace {
 
 // ---- GEMM configuration ---------------------------------------------------------------
 constexpr int kBM = 128;
-constexpr int kBN = 256;
-constexpr int kBK = 128;  // bytes of K per stage row: exactly one 128-byte swizzle span
-constexpr int kStages = 4;
-constexpr int kGroupM = 8;
+constexpr int kBK = 128;  // bytes of K per stage row: exactly one 128-byte swizzle span; the promotion interval
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
 constexpr int kStageBytesA = kBM * kBK;
-constexpr int kStageBytesB = kBN * kBK;
-constexpr int kStageBytes = kStageBytesA + kStageBytesB;
-// Stage buffers (1024-aligned), then 2 * kStages mbarriers; +1024 for aligning the base.
-constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
-static_assert(kStageBytesA % 1024 == 0 && kStageBytesB % 1024 == 0, "stage buffers must stay 1024-aligned");
-static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of an sm_90 CTA");
+// Fast accumulation: 128 x 256 tiles, 4 stages of 48 KiB (3 and a 64 KiB store tile with bf16 out).
+constexpr int kBNFast = 256;
+constexpr int kStagesFast = 4;
+// Promoted: 128 x 128 tiles (the fp32 copy doubles the accumulator registers: 64 + 64 per
+// thread instead of 128 + 128, which would not fit 255), 6 stages of 32 KiB.
+constexpr int kBNPromoted = 128;
+constexpr int kStagesPromoted = 6;
+// Fast with bf16 output (y): the tile is staged in shared memory for a TMA store that runs
+// while the next tile's mainloop does (64 KiB), so 3 stages.
+constexpr int kStagesFastTmaStore = 3;
+constexpr int kStoreTileBytes = kBM * kBNFast * 2;
+// Stage buffers (1024-aligned), [the store tile,] then 2 * stages mbarriers; +1024 for
+// aligning the base.
+constexpr int kSmemBytesFast = kStagesFast * (kStageBytesA + kBNFast * kBK) + 2 * kStagesFast * 8 + 1024;
+constexpr int kStageBytesFast = kStageBytesA + kBNFast * kBK;
+constexpr int kSmemBytesFastTmaStore = kStagesFastTmaStore * kStageBytesFast + kStoreTileBytes + 2 * kStagesFastTmaStore * 8 + 1024;
+constexpr int kSmemBytesPromoted = kStagesPromoted * (kStageBytesA + kBNPromoted * kBK) + 2 * kStagesPromoted * 8 + 1024;
+// The TMA store box: 64 bf16 columns (128 bytes, the 128B swizzle span) x 64 rows, one
+// consumer warpgroup's rows; a tile is 4 boxes per warpgroup.
+constexpr int kStoreBoxCols = 64;
+constexpr int kStoreBoxBytes = kStoreBoxCols * 2 * 64;
+// Tile order: a y-like GEMM (more column tiles than CTAs) walks groups of kGroupMWide row
+// tiles; one whose column tiles fit a wave takes whole rows per wave instead (bench/NOTES.md).
+constexpr int kGroupMWide = 32;
+
+template <bool kPromote, bool kTmaStore>
+struct GemmConfig {
+  static_assert(!(kPromote && kTmaStore), "the TMA-store epilogue is the fast bf16 kernel's");
+  static constexpr int kBN = kPromote ? kBNPromoted : kBNFast;
+  static constexpr int kStages = kPromote ? kStagesPromoted : kTmaStore ? kStagesFastTmaStore : kStagesFast;
+  static constexpr int kSmemBytes = kPromote ? kSmemBytesPromoted : kTmaStore ? kSmemBytesFastTmaStore : kSmemBytesFast;
+  static constexpr int kStoreBytes = kTmaStore ? kStoreTileBytes : 0;
+  static constexpr int kAccum = kBN / 2;  // fp32 accumulators per consumer thread for m64 x kBN
+  static constexpr int kStageBytesB = kBN * kBK;
+  static constexpr int kStageBytes = kStageBytesA + kStageBytesB;
+  static_assert(kStageBytesA % 1024 == 0 && kStageBytesB % 1024 == 0, "stage buffers must stay 1024-aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of an sm_90 CTA");
+};
 
 // ---- PTX wrappers ------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -155,6 +213,26 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// 2-D TMA store of the box at (inner, outer) element coordinates from shared memory, in
+// this thread's bulk group; elements outside the tensor are not written.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int inner, int outer) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_addr(src)), "r"(inner), "r"(outer)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Until this thread's committed bulk stores have read their shared memory (it may be reused).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Until they have completed (before the CTA exits).
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Generic-proxy writes to shared memory made visible to the async proxy (the TMA unit).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads.
+__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
@@ -177,9 +255,10 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 
 // Keeps the compiler from moving accumulator reads/writes across the asynchronous wgmma.
-__device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
+template <int kAccum>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kAccum]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kAccum; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 template <uint32_t kRegisters>
@@ -191,37 +270,50 @@ __device__ __forceinline__ void registers_increase() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
 }
 
-// D[64x256] (+)= A[64x32] * B[256x32]^T; A e4m3, B e4m3; both K-major in smem (descriptors).
-// scale_d == 0 overwrites D (first k-step of a tile), 1 accumulates.
-__device__ __forceinline__ void wgmma_m64n256k32_e4m3_e4m3(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
-                                                           uint32_t scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
+// D[64 x N] (+)= A[64x32] * B[Nx32]^T, N = 2 * (accumulators per thread); A e4m3 or e5m2,
+// B e4m3; both K-major in smem (descriptors).  scale_d == 0 overwrites D (the first k-step
+// of a wgmma chain), 1 accumulates.  The operand lists are spelled by macros: 128 or 64
+// "+f" registers.
+#define SPEEDRUN_ACC8(i) "+f"(d[(i)]), "+f"(d[(i) + 1]), "+f"(d[(i) + 2]), "+f"(d[(i) + 3]), "+f"(d[(i) + 4]), "+f"(d[(i) + 5]), "+f"(d[(i) + 6]), "+f"(d[(i) + 7])
+#define SPEEDRUN_ACC64(i) SPEEDRUN_ACC8((i) + 0), SPEEDRUN_ACC8((i) + 8), SPEEDRUN_ACC8((i) + 16), SPEEDRUN_ACC8((i) + 24), SPEEDRUN_ACC8((i) + 32), SPEEDRUN_ACC8((i) + 40), SPEEDRUN_ACC8((i) + 48), SPEEDRUN_ACC8((i) + 56)
+#define SPEEDRUN_WGMMA_N256(A_TYPE)                                                          \
+  asm volatile(                                                                              \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                            \
+      "wgmma.mma_async.sync.aligned.m64n256k32.f32." A_TYPE ".e4m3 "                         \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "\
+      "%128, %129, p, 1, 1;\n}\n"                                                             \
+      : SPEEDRUN_ACC64(0), SPEEDRUN_ACC64(64)                                                \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define SPEEDRUN_WGMMA_N128(A_TYPE)                                                          \
+  asm volatile(                                                                              \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                             \
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32." A_TYPE ".e4m3 "                         \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "\
+      "%64, %65, p, 1, 1;\n}\n"                                                               \
+      : SPEEDRUN_ACC64(0)                                                                    \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d))
 
-// D[64x256] (+)= A[64x32] * B[256x32]^T; A e5m2, B e4m3; both K-major in smem (descriptors).
-// scale_d == 0 overwrites D (first k-step of a tile), 1 accumulates.
-__device__ __forceinline__ void wgmma_m64n256k32_e5m2_e4m3(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
-                                                           uint32_t scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k32.f32.e5m2.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+template <bool kAE5M2, int kAccum>
+__device__ __forceinline__ void wgmma_k32(float (&d)[kAccum], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
+  static_assert(kAccum == 128 || kAccum == 64, "wgmma m64n256k32 or m64n128k32");
+  if constexpr (kAccum == 128) {
+    if constexpr (kAE5M2) {
+      SPEEDRUN_WGMMA_N256("e5m2");
+    } else {
+      SPEEDRUN_WGMMA_N256("e4m3");
+    }
+  } else {
+    if constexpr (kAE5M2) {
+      SPEEDRUN_WGMMA_N128("e5m2");
+    } else {
+      SPEEDRUN_WGMMA_N128("e4m3");
+    }
+  }
 }
+#undef SPEEDRUN_WGMMA_N128
+#undef SPEEDRUN_WGMMA_N256
+#undef SPEEDRUN_ACC64
+#undef SPEEDRUN_ACC8
 
 // ---- The GEMM kernel ------------------------------------------------------------------------
 
@@ -230,12 +322,12 @@ struct TileCoord {
   int n;
 };
 
-// Tile t -> (row tile, column tile), grouped by kGroupM row tiles (see the header).
-__device__ __forceinline__ TileCoord tile_coord(int t, int tiles_m, int tiles_n) {
-  const int per_group = kGroupM * tiles_n;
+// Tile t -> (row tile, column tile), grouped by group_m row tiles (see the header).
+__device__ __forceinline__ TileCoord tile_coord(int t, int tiles_m, int tiles_n, int group_m) {
+  const int per_group = group_m * tiles_n;
   const int group = t / per_group;
-  const int first_m = group * kGroupM;
-  const int group_rows = min(tiles_m - first_m, kGroupM);
+  const int first_m = group * group_m;
+  const int group_rows = min(tiles_m - first_m, group_m);
   const int in_group = t - group * per_group;
   return {first_m + in_group % group_rows, in_group / group_rows};
 }
@@ -260,31 +352,71 @@ __device__ __forceinline__ void store_pair(float* c, int64_t offset, float v0, f
   }
 }
 
-template <bool kAE5M2>
-__device__ __forceinline__ void wgmma_k32(float (&d)[128], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
-  if constexpr (kAE5M2) {
-    wgmma_m64n256k32_e5m2_e4m3(d, desc_a, desc_b, scale_d);
-  } else {
-    wgmma_m64n256k32_e4m3_e4m3(d, desc_a, desc_b, scale_d);
+// The epilogue of one consumer thread: alpha * d, predicated pair stores straight from
+// the wgmma fragment (kAccum / 4 groups of 8 columns).
+template <int kAccum, typename OutT>
+__device__ __forceinline__ void store_fragment(const float (&d)[kAccum], OutT* __restrict__ c, int row0, int col0,
+                                               int M, int N, int64_t ldc, float alpha, bool vector_ok) {
+#pragma unroll
+  for (int j = 0; j < kAccum / 4; ++j) {
+    const int col = col0 + 8 * j;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 8 * h;
+      if (row < M && col < N) {
+        store_pair(c, static_cast<int64_t>(row) * ldc + col, d[4 * j + 2 * h] * alpha, d[4 * j + 2 * h + 1] * alpha,
+                   col + 1 < N, vector_ok);
+      }
+    }
+  }
+}
+
+// The TMA-store epilogue of one consumer thread: alpha * d as bf16 pairs into its
+// warpgroup's 64 x 256 staging area, laid out as 4 boxes of 64 rows x 128 bytes with the
+// 128B swizzle the store's tensor map names (16-byte chunk q of row r at chunk q ^ (r % 8)).
+// A warp's 32 four-byte writes (8 rows x 4 lanes, one chunk of each row) hit 32 distinct
+// banks.  `row` is the thread's first row in the warpgroup (the second is row + 8).
+// Written with st.shared (a generic store would cost an address-space check each).
+__device__ __forceinline__ void stage_fragment(const float (&d)[128], const uint8_t* area, int row, int lane,
+                                               float alpha) {
+  const uint32_t base = smem_addr(area) + (lane % 4) * 4;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {  // 8-column group j: box j / 8, chunk j % 8 of its rows
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row + 8 * h;
+      const __nv_bfloat162 v = __floats2bfloat162_rn(d[4 * j + 2 * h] * alpha, d[4 * j + 2 * h + 1] * alpha);
+      const uint32_t dst = base + (j / 8) * kStoreBoxBytes + r * 128 + (((j % 8) ^ (r % 8)) * 16);
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(dst), "r"(*reinterpret_cast<const uint32_t*>(&v)) : "memory");
+    }
   }
 }
 
 // C[M, N] = alpha * A[M, K] . B[N, K]^T; A e4m3 (kAE5M2 false) or e5m2, B e4m3; OutT
-// __nv_bfloat16 or float.  `vector_ok`: pairs of columns may be stored as one 4/8-byte
-// access (ldc even, c aligned).
-template <bool kAE5M2, typename OutT>
+// __nv_bfloat16 or float.  kPromote: fp32 promotion of every k-block (GemmConfig).
+// `vector_ok`: pairs of columns may be stored as one 4/8-byte access (ldc even, c aligned).
+// `tma_store` (fast bf16 instances only): the tile goes out through shared memory and
+// map_c's TMA store, asynchronously, while this warpgroup starts its next tile; else the
+// stores come straight from the registers.
+template <bool kAE5M2, typename OutT, bool kPromote>
 __global__ void __launch_bounds__(kThreads, 1)
 fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                OutT* __restrict__ c, int M, int N, int K, int64_t ldc, float alpha, bool vector_ok) {
+                const __grid_constant__ CUtensorMap map_c, OutT* __restrict__ c, int M, int N, int K, int64_t ldc,
+                float alpha, bool vector_ok, bool tma_store, int group_m) {
+  constexpr bool kTmaStore = !kPromote && std::is_same_v<OutT, __nv_bfloat16>;
+  using Cfg = GemmConfig<kPromote, kTmaStore>;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kStageBytes = Cfg::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
   // The dynamic shared-memory base is only 16-byte aligned by the language: align it to
-  // 1024 bytes (the 128B swizzle atom) by hand; kSmemBytes has the slack for it.
+  // 1024 bytes (the 128B swizzle atom) by hand; the shared-memory size has the slack for it.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint8_t* store_tile = smem + kStages * kStageBytes;  // kStoreBytes (0 without the TMA store)
+  uint64_t* full = reinterpret_cast<uint64_t*>(store_tile + Cfg::kStoreBytes);
   uint64_t* empty = full + kStages;
 
   const int tiles_m = (M + kBM - 1) / kBM;
-  const int tiles_n = (N + kBN - 1) / kBN;
+  const int tiles_n = (N + Cfg::kBN - 1) / Cfg::kBN;
   const int tiles = tiles_m * tiles_n;
   const int k_blocks = (K + kBK - 1) / kBK;
   const int warpgroup = threadIdx.x / 128;
@@ -305,10 +437,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
     if (threadIdx.x == 0) {
       tma_prefetch_descriptor(&map_a);
       tma_prefetch_descriptor(&map_b);
+      if (kTmaStore && tma_store) tma_prefetch_descriptor(&map_c);
       int stage = 0;
       uint32_t phase = 0;
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const TileCoord tile = tile_coord(t, tiles_m, tiles_n);
+        const TileCoord tile = tile_coord(t, tiles_m, tiles_n, group_m);
         for (int kb = 0; kb < k_blocks; ++kb) {
           // A fresh barrier counts as having completed the phase before phase 0, so the
           // first pass over the stages does not wait (parity phase ^ 1 == 1).
@@ -318,7 +451,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
           // Out-of-bounds parts of a box are zero-filled and still counted: always the full bytes.
           mbar_arrive_expect_tx(&full[stage], kStageBytes);
           tma_load_2d(a, &map_a, &full[stage], kb * kBK, tile.m * kBM);
-          tma_load_2d(b, &map_b, &full[stage], kb * kBK, tile.n * kBN);
+          tma_load_2d(b, &map_b, &full[stage], kb * kBK, tile.n * Cfg::kBN);
           if (++stage == kStages) {
             stage = 0;
             phase ^= 1;
@@ -332,13 +465,20 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
     const int consumer = warpgroup - 1;  // rows 64*consumer .. +63 of the tile
     const int warp = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
-    float acc[128];
+    // acc: the wgmma accumulator (all of K when fast, one k-block when promoted);
+    // total: the fp32 sum of the promoted k-blocks.
+    float acc[Cfg::kAccum];
+    float total[kPromote ? Cfg::kAccum : 1];
 #pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    for (int i = 0; i < Cfg::kAccum; ++i) acc[i] = 0.f;
     int stage = 0;
     uint32_t phase = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const TileCoord tile = tile_coord(t, tiles_m, tiles_n);
+      const TileCoord tile = tile_coord(t, tiles_m, tiles_n, group_m);
+      if constexpr (kPromote) {
+#pragma unroll
+        for (int i = 0; i < Cfg::kAccum; ++i) total[i] = 0.f;
+      }
       int previous = 0;
       for (int kb = 0; kb < k_blocks; ++kb) {
         mbar_wait(&full[stage], phase);
@@ -349,11 +489,22 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBK / 32; ++kk) {
-          // +2 in the start-address field = +32 bytes = the next 32 fp8 values of K.
-          wgmma_k32<kAE5M2>(acc, desc_a + 2 * kk, desc_b + 2 * kk, (kb | kk) != 0);
+          // +2 in the start-address field = +32 bytes = the next 32 fp8 values of K.  A
+          // promoted k-block starts a fresh chain (scale_d 0 at kk == 0).
+          const uint32_t scale_d = kPromote ? kk != 0 : (kb | kk) != 0;
+          wgmma_k32<kAE5M2>(acc, desc_a + 2 * kk, desc_b + 2 * kk, scale_d);
         }
         wgmma_commit();
-        if (kb > 0) {
+        if constexpr (kPromote) {
+          // Promotion (DeepGEMM's scheme): wait for this k-block's chain, release its
+          // stage, add the chain into fp32.  This warpgroup's tensor-core work pauses for
+          // the 64 FADDs; the other consumer warpgroup's wgmmas fill the gap.
+          wgmma_wait<0>();
+          fence_accumulators(acc);
+          if (lane == 0) mbar_arrive(&empty[stage]);
+#pragma unroll
+          for (int i = 0; i < Cfg::kAccum; ++i) total[i] += acc[i];
+        } else if (kb > 0) {
           // The previous k-block's wgmmas are done: its stage may be refilled.
           wgmma_wait<1>();
           if (lane == 0) mbar_arrive(&empty[previous]);
@@ -364,26 +515,43 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
           phase ^= 1;
         }
       }
-      wgmma_wait<0>();
-      fence_accumulators(acc);
-      if (lane == 0) mbar_arrive(&empty[previous]);
-
-      // ---- epilogue: alpha * acc, predicated stores straight from the fragment ----
       const int row0 = tile.m * kBM + consumer * 64 + warp * 16 + lane / 4;
-      const int col0 = tile.n * kBN + 2 * (lane % 4);
+      const int col0 = tile.n * Cfg::kBN + 2 * (lane % 4);
+      if constexpr (kPromote) {
+        store_fragment(total, c, row0, col0, M, N, ldc, alpha, vector_ok);
+      } else {
+        wgmma_wait<0>();
+        fence_accumulators(acc);
+        if (lane == 0) mbar_arrive(&empty[previous]);
+        if constexpr (kTmaStore) {
+          if (tma_store) {
+            // This warpgroup's staging area may still be read by the TMA store of its
+            // previous tile (issued a whole mainloop ago, so normally done): its issuing
+            // thread waits, then the warpgroup writes, fences for the async proxy, and
+            // the issuing thread sends the 4 boxes without waiting for them.
+            uint8_t* area = store_tile + consumer * 4 * kStoreBoxBytes;
+            const bool issuer = threadIdx.x % 128 == 0;
+            if (issuer) bulk_wait_read();
+            named_barrier(1 + consumer, 128);
+            stage_fragment(acc, area, warp * 16 + lane / 4, lane, alpha);
+            fence_async_shared();
+            named_barrier(1 + consumer, 128);
+            if (issuer) {
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const int col = col0 + 8 * j;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row0 + 8 * h;
-          if (row < M && col < N) {
-            store_pair(c, static_cast<int64_t>(row) * ldc + col, acc[4 * j + 2 * h] * alpha,
-                       acc[4 * j + 2 * h + 1] * alpha, col + 1 < N, vector_ok);
+              for (int box = 0; box < 4; ++box) {
+                tma_store_2d(&map_c, area + box * kStoreBoxBytes, tile.n * Cfg::kBN + box * kStoreBoxCols,
+                             tile.m * kBM + consumer * 64);
+              }
+              bulk_commit();
+            }
+            continue;
           }
         }
+        store_fragment(acc, c, row0, col0, M, N, ldc, alpha, vector_ok);
       }
     }
+    // The last tile's stores must finish before the CTA (and its shared memory) goes away.
+    if (kTmaStore && tma_store && threadIdx.x % 128 == 0) bulk_wait_all();
   }
 }
 
@@ -582,23 +750,59 @@ CUtensorMap operand_map(const at::Tensor& t, int64_t k, int box_rows) {
   return map;
 }
 
-template <bool kAE5M2, typename OutT>
+// The TMA-store map of a bf16 output c [M, N]: boxes of 64 columns (128 bytes) x 64 rows,
+// 128-byte swizzle (the staging layout of stage_fragment).  The caller checked TMA's rules.
+CUtensorMap output_map(const at::Tensor& c) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(c.size(1)), static_cast<cuuint64_t>(c.size(0))};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(c.stride(0) * 2)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kStoreBoxCols), 64};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c.data_ptr(), dims, strides, box,
+                                      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "fp8_gemm: cuTensorMapEncodeTiled (output) failed with error ",
+              static_cast<int>(res));
+  return map;
+}
+
+template <bool kAE5M2, typename OutT, bool kPromote>
 void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, float alpha, at::Tensor& c) {
+  constexpr bool kTmaStore = !kPromote && std::is_same_v<OutT, __nv_bfloat16>;
+  using Cfg = GemmConfig<kPromote, kTmaStore>;
   const int M = static_cast<int>(a.size(0));
   const int N = static_cast<int>(b.size(0));
   const CUtensorMap map_a = operand_map(a, k, kBM);
-  const CUtensorMap map_b = operand_map(b, k, kBN);
-  auto kernel = fp8_gemm_kernel<kAE5M2, OutT>;
+  const CUtensorMap map_b = operand_map(b, k, Cfg::kBN);
+  auto kernel = fp8_gemm_kernel<kAE5M2, OutT, kPromote>;
   // Per device and cheap: set on every launch rather than caching per process.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  const int64_t tiles = ((M + kBM - 1) / kBM) * static_cast<int64_t>((N + kBN - 1) / kBN);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  const int tiles_m = (M + kBM - 1) / kBM;
+  const int tiles_n = (N + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t tiles = static_cast<int64_t>(tiles_m) * tiles_n;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int grid = static_cast<int>(std::min<int64_t>(tiles, sms));
+  // Few column tiles (dx, dW: N = 768): a wave takes whole rows of tiles, so the CTAs that
+  // share an A row panel (K = 50304 bytes per row) run together and read it once from
+  // DRAM.  Many (y): groups of kGroupMWide row tiles, so w8 is re-read once per group.
+  const int group_m = tiles_n <= grid ? std::max(1, grid / tiles_n) : kGroupMWide;
   const bool vector_ok = c.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 8 == 0;
-  kernel<<<grid, kThreads, kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
-      map_a, map_b, reinterpret_cast<OutT*>(c.data_ptr()), M, N, static_cast<int>(k), c.stride(0), alpha,
-      vector_ok);
+  // TMA stores need a 16-byte aligned base and row stride (N % 8 == 0 for a dense bf16 c);
+  // other shapes take the register stores.
+  const bool tma_store = kTmaStore && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 &&
+                         (c.stride(0) * static_cast<int64_t>(sizeof(OutT))) % 16 == 0;
+  CUtensorMap map_c{};
+  if (tma_store) map_c = output_map(c);
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
+      map_a, map_b, map_c, reinterpret_cast<OutT*>(c.data_ptr()), M, N, static_cast<int>(k), c.stride(0), alpha,
+      vector_ok, tma_store, group_m);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool kAE5M2, typename OutT>
+void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, float alpha, bool promote, at::Tensor& c) {
+  if (promote) launch_gemm<kAE5M2, OutT, true>(a, b, k, alpha, c);
+  else launch_gemm<kAE5M2, OutT, false>(a, b, k, alpha, c);
 }
 
 bool is_fp8(const at::Tensor& t) {
@@ -669,8 +873,9 @@ std::tuple<at::Tensor, at::Tensor> fp8_cast(const at::Tensor& src, double scale,
 }
 
 // c[M, N] = alpha * a[:, :k] . b[:, :k]^T in bf16 (or fp32 if out_fp32); a e4m3/e5m2 [M, >= k],
-// b e4m3 [N, >= k], both with unit column stride and 16-byte aligned rows.
-at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, double alpha, bool out_fp32) {
+// b e4m3 [N, >= k], both with unit column stride and 16-byte aligned rows.  promote: the
+// wgmma chain restarts every 128 of K and is added into fp32 (else one chain over K).
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, double alpha, bool out_fp32, bool promote) {
   TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.device() == b.device(), "fp8_gemm: a and b must be on one CUDA device");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1,
               "fp8_gemm: a and b must be 2-D with unit column stride");
@@ -685,10 +890,10 @@ at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, double 
   at::Tensor c = at::empty({a.size(0), b.size(0)}, a.options().dtype(out_fp32 ? at::kFloat : at::kBFloat16));
   const bool a_e5m2 = a.scalar_type() == at::kFloat8_e5m2;
   const float f = static_cast<float>(alpha);
-  if (a_e5m2 && out_fp32) launch_gemm<true, float>(a, b, k, f, c);
-  else if (a_e5m2) launch_gemm<true, __nv_bfloat16>(a, b, k, f, c);
-  else if (out_fp32) launch_gemm<false, float>(a, b, k, f, c);
-  else launch_gemm<false, __nv_bfloat16>(a, b, k, f, c);
+  if (a_e5m2 && out_fp32) launch_gemm<true, float>(a, b, k, f, promote, c);
+  else if (a_e5m2) launch_gemm<true, __nv_bfloat16>(a, b, k, f, promote, c);
+  else if (out_fp32) launch_gemm<false, float>(a, b, k, f, promote, c);
+  else launch_gemm<false, __nv_bfloat16>(a, b, k, f, promote, c);
   return c;
 }
 

@@ -20,7 +20,7 @@ void softcap_ce_scale_rows_(at::Tensor& grad, const at::Tensor& factor);
 
 // csrc/fp8_head.cu
 std::tuple<at::Tensor, at::Tensor> fp8_cast(const at::Tensor& src, double scale, bool e5m2, bool transpose);
-at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, double alpha, bool out_fp32);
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, double alpha, bool out_fp32, bool promote);
 std::tuple<at::Tensor, at::Tensor> fp8_ce_grad_e5m2(const at::Tensor& logits, const at::Tensor& targets,
                                                     const at::Tensor& row_loss, const at::Tensor& row_factor,
                                                     double cap, int64_t kind, double scale, int64_t ignore_index,
@@ -38,7 +38,7 @@ TORCH_LIBRARY(speedrun_cuda, m) {
   // transpose [C, pad16(R)] (else [0]); rows padded to 16 bytes for TMA, pads unwritten.
   m.def("fp8_cast(Tensor src, float scale, bool e5m2, bool transpose) -> (Tensor, Tensor)");
   // alpha * a[:, :k] @ b[:, :k]^T; a e4m3/e5m2 [M, >=k], b e4m3 [N, >=k] -> bf16 or fp32 [M, N].
-  m.def("fp8_gemm(Tensor a, Tensor b, int k, float alpha, bool out_fp32) -> Tensor");
+  m.def("fp8_gemm(Tensor a, Tensor b, int k, float alpha, bool out_fp32, bool promote) -> Tensor");
   // (g8, g8t): e5m2(grad_scale * d softcap_ce / d logits) from bf16 logits, the per-row loss
   // and the per-row factor (1 or N elements), [N, pad16(V)] and [V, pad16(N)].
   m.def("fp8_ce_grad_e5m2(Tensor logits, Tensor targets, Tensor row_loss, Tensor row_factor, float cap, "

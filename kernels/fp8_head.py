@@ -55,9 +55,11 @@ E5M2 = torch.float8_e5m2
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm, alpha,
                      stats_ptr, stride_stats, cap, inv_cap, inv_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, KIND: tl.constexpr, ROW_STATS: tl.constexpr):
+                     GROUP_M: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr, KIND: tl.constexpr,
+                     ROW_STATS: tl.constexpr):
     """c[M, N] = alpha * a[M, :K] @ b[N, :K]^T; a, b fp8 with unit stride along K.
 
+    MAX_IMPRECISE_ACC: tl.dot's max_num_imprecise_acc (see _gemm_triton).
     ROW_STATS (the fused head's forward): also stats[m, pid_n] = sum over this tile's
     columns of exp(s - cap), s the softcap (KIND) of c as stored.  The capped logits are
     bounded by cap, so cap is a fixed softmax reference (softcap_ce.fixed_reference) and
@@ -82,7 +84,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_
         k = k0 + ks
         a = tl.load(a_rows + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(b_cols + k[:, None], mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
     out = (acc * alpha).to(c_ptr.dtype.element_ty)
     if ROW_STATS:
         # From the rounded value the backward will read, so the loss and its gradient
@@ -172,6 +174,21 @@ def _ce_grad_e5m2_kernel(logits_ptr, targets_ptr, loss_ptr, factor_ptr, g8_ptr, 
     tl.store(g8t_ptr + cols.to(tl.int64)[None, :] * stride_g8t + rows[:, None], q, mask=mask)
 
 
+# ---- accumulation ----------------------------------------------------------------------
+# Hopper's fp8 wgmma keeps its running fp32 sum with ~14 significant bits (truncated; the
+# DeepSeek-V3 report measures it): one chain over K = 50304 loses a few % (the error model
+# and its emulation: tests/test_fp8_head.py).  So every GEMM can "promote": each PROMOTE_K
+# of K is a fresh wgmma chain whose result is added to fp32 registers (DeepGEMM's scheme;
+# the record's backward, _scaled_mm(use_fast_accum=False), is the cuBLASLt equivalent).
+# dx and dW always promote.  y does not by default (PROMOTE_Y): K = 768 is 24 k32 steps,
+# <= 2.9e-3 relative in the worst case and ~6e-4 measured in the emulation, under the bf16
+# rounding of y itself; the record's forward is fast-accumulated too; and unpromoted the
+# CUDA kernel keeps its 128x256 tile (promoted needs 2x the accumulator registers, so
+# 128x128).  Set PROMOTE_Y = True to promote y as well.
+PROMOTE_K = 128
+PROMOTE_Y = False
+
+
 # ---- backend pieces -------------------------------------------------------------------
 # quantize(t, scale, e5m2, transpose) -> (q, qt): q = fp8(t * scale) [R, >= C], qt its
 # transpose [C, >= R] (or [0]); gemm(a, b, k, alpha, out_fp32) -> alpha * a[:, :k] @ b[:, :k]^T;
@@ -192,7 +209,7 @@ def _quantize_cuda(t, scale, e5m2, transpose):
     return torch.ops.speedrun_cuda.fp8_cast(t, scale, e5m2, transpose)
 
 
-def _gemm_triton(a, b, k, alpha, out_fp32, softcap=None):
+def _gemm_triton(a, b, k, alpha, out_fp32, promote, softcap=None):
     """c = alpha * a[:, :k] @ b[:, :k]^T; with softcap = (cap, kind, scale) (a fixed-reference
     kind, bf16 out) also the [M, tiles] per-tile sum-exp partials of the capped c: (c, stats)."""
     m, n = a.shape[0], b.shape[0]
@@ -202,11 +219,19 @@ def _gemm_triton(a, b, k, alpha, out_fp32, softcap=None):
     cap, kind, scale = softcap or (1.0, None, 1.0)
     stats = torch.empty((m, tiles_n) if softcap else (1, 1), device=a.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m) * tiles_n,)
+    # The accumulation mode, as in the CUDA kernel.  Triton 3.6 and 3.8 default
+    # max_num_imprecise_acc to 2**30 for fp8 on sm_90 (nvidia compiler.py): one wgmma chain
+    # over all of K, like use_fast_accum=True; None keeps that (an explicit value must be
+    # <= BLOCK_K).  promote: BLOCK_K (= PROMOTE_K on a GPU), so each tl.dot accumulates its
+    # 128 of K in a fresh wgmma chain and adds it to `acc` in fp32 (the interpreter's fp32
+    # dot has no such mode: there it only has to be valid).
+    imprecise = min(PROMOTE_K, block_k) if promote else None
     # Without softcap the epilogue's statistics are compiled out; stats is a dummy argument.
     _fp8_gemm_kernel[grid](a, b, c, m, n, k, a.stride(0), b.stride(0), c.stride(0), alpha,
                            stats, stats.stride(0), cap, 1.0 / cap, 1.0 / scale,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                           KIND=softcap_ce.KIND_CODES[kind], ROW_STATS=softcap is not None,
+                           MAX_IMPRECISE_ACC=imprecise, KIND=softcap_ce.KIND_CODES[kind],
+                           ROW_STATS=softcap is not None,
                            num_warps=8 if a.is_cuda else 4, num_stages=3 if a.is_cuda else 1,
                            # The statistics' epilogue would take 133 registers (1 CTA/SM);
                            # at 128 it has no spill and keeps 2 CTAs/SM, so one CTA's
@@ -225,8 +250,8 @@ def _loss_from_row_stats(stats, logits, targets, cap, kind, scale, ignore_index)
     return row_loss
 
 
-def _gemm_cuda(a, b, k, alpha, out_fp32):
-    return torch.ops.speedrun_cuda.fp8_gemm(a, b, k, alpha, out_fp32)
+def _gemm_cuda(a, b, k, alpha, out_fp32, promote):
+    return torch.ops.speedrun_cuda.fp8_gemm(a, b, k, alpha, out_fp32, promote)
 
 
 def _ce_grad_triton(logits, targets, row_loss, row_factor, cap, kind, scale, ignore_index, grad_scale):
@@ -259,14 +284,15 @@ def _head_forward(x, weight, x_scale, w_scale, need_grad, backend, softcap=None)
     x8, x8t = _QUANTIZE[backend](x, x_scale, False, need_grad)
     w8, w8t = _QUANTIZE[backend](weight, w_scale, False, need_grad)
     alpha = 1.0 / (x_scale * w_scale)
-    y = _GEMM[backend](x8, w8, x.shape[1], alpha, False, *([softcap] if softcap else []))
+    y = _GEMM[backend](x8, w8, x.shape[1], alpha, False, PROMOTE_Y, *([softcap] if softcap else []))
     return y, x8t, w8t
 
 
 def _head_backward(g8, g8t, x8t, w8t, n, k, v, x_scale, w_scale, grad_scale, w_dtype, backend):
-    """dx = g8 @ w8 (bf16) and dW = g8^T @ x8 (fp32 accumulation, then weight's dtype)."""
-    dx = _GEMM[backend](g8, w8t, v, 1.0 / (grad_scale * w_scale), False)
-    dw = _GEMM[backend](g8t, x8t, n, 1.0 / (grad_scale * x_scale), True)
+    """dx = g8 @ w8 (bf16) and dW = g8^T @ x8 (fp32 accumulation, then weight's dtype),
+    both promoted to fp32 every PROMOTE_K of their long K (50304 and N)."""
+    dx = _GEMM[backend](g8, w8t, v, 1.0 / (grad_scale * w_scale), False, True)
+    dw = _GEMM[backend](g8t, x8t, n, 1.0 / (grad_scale * x_scale), True, True)
     return dx, dw.to(w_dtype)
 
 

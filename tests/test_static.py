@@ -76,9 +76,8 @@ KNOWN_SPILLS = {
 }
 # Kernels whose design keeps wgmma groups in flight across the K loop's waits.
 OVERLAP_CLAIMED = {
+    # dx and dW promote to fp32 after every k-block (wait_group 0): test_fp8_head_* below.
     ("fp8_head", "cuda fp8_gemm<e4m3,bf16> (y)"): "bench/NOTES.md fp8_head: one k-block of wgmma kept in flight",
-    ("fp8_head", "cuda fp8_gemm<e5m2,bf16> (dx)"): "same kernel template",
-    ("fp8_head", "cuda fp8_gemm<e5m2,fp32> (dW)"): "same kernel template",
 }
 # Per-element budgets of the softcap CE (bench/NOTES.md softcap_ce).  The op runs the v2
 # staged kernel: 4 MUFU ops per element by design (ex2, rcp, ex2 in the loss pass, one ex2
@@ -219,3 +218,81 @@ def test_newton_schulz_matmuls_fit_two_ctas_per_sm_without_spills():
         assert kernel["registers"] <= 128 and kernel["smem_bytes"] <= 113 * 1024, name
         assert kernel["spill_bytes"] == 0 and kernel["local_accesses"] == 0, name
         assert kernel["wgmma_in_flight"] >= 1, name
+
+
+# ---- fp8_head: promotion of the fp8 accumulation (issue 16) ---------------------------------
+
+def _fp8_records():
+    return {k["name"]: k for k in _records()["fp8_head"]["kernels"]}
+
+
+def _k_loop(instrs):
+    """The innermost loop that issues wgmma: the K loop."""
+    from bench.static import sass
+    loops = [span for span in sass.innermost(sass.loops(instrs))
+             if any(i.base == "QGMMA" for i in sass.within(instrs, span))]
+    assert len(loops) == 1, loops
+    return sass.within(instrs, loops[0])
+
+
+def test_fp8_head_backward_gemms_run_promoted_and_y_fast():
+    records = _fp8_records()
+    for name in ("cuda fp8_gemm<e5m2,bf16,promoted> (dx)", "cuda fp8_gemm<e5m2,fp32,promoted> (dW)"):
+        k = records[name]
+        # 4 x m64n128k32 per k-block of 128, each block waited for (0 in flight) before its FADDs.
+        assert k["runs_in_speedrun"] and k["mma"] == {"QGMMA.64x128x32.F32.E5M2.E4M3": 4}, name
+        assert k["wgmma_in_flight"] == 0 and k["ctas_per_sm"] == 1 and k["spill_bytes"] == 0, name
+    y = records["cuda fp8_gemm<e4m3,bf16> (y)"]
+    assert y["runs_in_speedrun"] and y["mma"] == {"QGMMA.64x256x32.F32.E4M3.E4M3": 28}
+    assert records["triton _fp8_gemm_kernel (dx, promoted)"]["specialization"]  # compiled with the argument
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda").exists(),
+                    reason="the CUDA kernels' reading needs nvcc")
+def test_fp8_head_sass_adds_each_k_block_into_fp32_between_qgmma_groups():
+    # The promotion as compiled: in the K loop of every promoted instance, after the k-block's
+    # 4 QGMMAs and the wait for them, one FADD per accumulator (64 per thread for m64n128)
+    # before the loop branches back to the next k-block's QGMMAs; none in the fast instances.
+    from bench.static import build, sass
+    functions = sass.sass(str(build.cuda_cubin("fp8_head.cu")))
+    gemms = {name: sass.code(instrs) for name, instrs in functions.items() if "fp8_gemm_kernel" in name}
+    assert len(gemms) == 8, sorted(gemms)  # (A e4m3 | e5m2) x (bf16 | fp32) x (fast | promoted)
+    for name, instrs in gemms.items():
+        body = _k_loop(instrs)
+        ops = [i.base for i in body]
+        last_mma = max(n for n, op in enumerate(ops) if op == "QGMMA")
+        if re.search(r"Lb1EEEv", name):  # kPromote = true
+            assert ops.count("QGMMA") == 4, name
+            after = ops[last_mma:]
+            assert "FADD" in after and "WARPGROUP" in after[:after.index("FADD")], name  # the wait comes first
+            assert after.count("FADD") == 64 and ops.count("FADD") == 64, name
+        else:
+            assert ops.count("FADD") == 0, name
+
+
+def test_fp8_head_triton_gemm_promotes_with_max_num_imprecise_acc():
+    # Triton 3.8 lowers tl.dot(max_num_imprecise_acc=128) with BLOCK_K = 128 to a partial
+    # wgmma accumulator added into the loop's fp32 one once per iteration: 64 FADDs per
+    # thread for a 128 x 128 tile over 2 warpgroups; the default (None: 2**30 on sm_90)
+    # adds nothing.
+    from bench.static import build, families, sass
+    kernels = {k.name: k for k in families.fp8_head().kernels if k.backend == "triton"}
+    names = ("triton _fp8_gemm_kernel (y)", "triton _fp8_gemm_kernel (dx, promoted)")
+    compiled = build.triton_cubins([kernels[n].spec for n in names])
+    for name, (cubin, meta) in zip(names, compiled):
+        body = _k_loop(sass.code(sass.sass(str(cubin))[meta["name"]]))
+        fadds = sum(1 for i in body if i.base == "FADD")
+        assert fadds == (64 if "promoted" in name else 0), (name, fadds)
+
+
+def test_fp8_head_y_epilogue_is_a_tma_store():
+    # y (fast, bf16 out) stages its tile in shared memory and sends it with 4 TMA stores per
+    # consumer warpgroup (UTMASTG, one per 64 x 64 box) while the next tile's loop runs;
+    # the register path stays for unaligned outputs.  The fp32 / promoted instances have
+    # no TMA store.
+    records = _fp8_records()
+    y = records["cuda fp8_gemm<e4m3,bf16> (y)"]
+    assert y["tma_stores"] == 4 and y["smem_bytes"] <= 227 * 1024 and y["ctas_per_sm"] == 1
+    for name in ("cuda fp8_gemm<e5m2,bf16,promoted> (dx)", "cuda fp8_gemm<e5m2,fp32,promoted> (dW)",
+                 "cuda fp8_gemm<e5m2,fp32>"):
+        assert records[name]["tma_stores"] == 0, name

@@ -141,42 +141,80 @@ def fp8_head() -> Op:
     bench = _bench("fp8_head")
     m = TOKENS
     c = csrc_constants("fp8_head.cu")
-    tiles = triton.cdiv(m, c["kBM"]) * triton.cdiv(V, c["kBN"])
-    gemm = dict(backend="cuda", threads=c["kThreads"], ctas=min(tiles, 132), source="fp8_head.cu",
-                dynamic_smem=c["kSmemBytes"])
-    cast = dict(backend="cuda", threads=c["kCastThreads"], source="fp8_head.cu")
-    cast_ctas = triton.cdiv(m, c["kCastTile"]) * triton.cdiv(V, c["kCastTile"])
+    fp8 = importlib.import_module("kernels.fp8_head")
+    cdiv = triton.cdiv
+
+    def gemm(a_type: str, out: str, promoted: bool, rows: int, cols: int, label: str, role: str,
+             runs: bool) -> Kernel:
+        """One fp8_gemm_kernel<A e5m2?, OutT, kPromote> instance at rows x cols outputs."""
+        bn = c["kBNPromoted"] if promoted else c["kBNFast"]
+        mangled = {"e4m3": "Lb0E", "e5m2": "Lb1E"}[a_type] + {"bf16": "13__nv_bfloat16", "fp32": "f"}[out]
+        mode = ",promoted" if promoted else ""
+        return Kernel(f"cuda fp8_gemm<{a_type},{out}{mode}>{label}", role, "cuda", threads=c["kThreads"],
+                      ctas=min(cdiv(rows, c["kBM"]) * cdiv(cols, bn), hopper.SMS), source="fp8_head.cu",
+                      symbol=f"fp8_gemm_kernelI{mangled}Lb{int(promoted)}E",
+                      dynamic_smem=c["kSmemBytesPromoted" if promoted
+                                     else "kSmemBytesFastTmaStore" if out == "bf16" else "kSmemBytesFast"],
+                      runs_in_speedrun=runs)
+
+    def cast(src: str, mangled: str, e5m2: bool, rows: int, cols: int, role: str, runs: bool) -> Kernel:
+        return Kernel(f"cuda cast_fp8<{src},{'e5m2' if e5m2 else 'e4m3'}>", role, "cuda", threads=c["kCastThreads"],
+                      ctas=cdiv(rows, c["kCastTile"]) * cdiv(cols, c["kCastTile"]), source="fp8_head.cu",
+                      symbol=f"cast_fp8_kernelI{mangled}Lb{int(e5m2)}E", runs_in_speedrun=runs)
+
+    def triton_gemm(name: str, a_type: str, out: str, rows: int, cols: int, red: int, alpha: float,
+                    imprecise: int | None, row_stats: bool = False) -> Kernel:
+        role = "Triton backend GEMM (" + ("promoted every 128 of K" if imprecise else "fast") + ")"
+        if row_stats:  # the fused head's forward: launched with maxnreg 128 (kernels/fp8_head.py)
+            role += " with the loss's per-tile sum-exp in the epilogue"
+        return Kernel(name, role, "triton", ctas=cdiv(rows, 128) * cdiv(cols, 128), runs_in_speedrun=False,
+                      spec={"module": "kernels.fp8_head", "kernel": "_fp8_gemm_kernel", "num_warps": 8,
+                            "num_stages": 3, **({"maxnreg": 128} if row_stats else {}),
+                            "args": {"a_ptr": a_type, "b_ptr": "*fp8e4nv", "c_ptr": out, "M": rows, "N": cols,
+                                     "K": red, "stride_am": red, "stride_bn": red, "stride_cm": cols,
+                                     "alpha": alpha, "stats_ptr": "*fp32",
+                                     "stride_stats": cdiv(cols, 128) if row_stats else 1,
+                                     "cap": 30.0, "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5,
+                                     "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
+                                     "MAX_IMPRECISE_ACC": imprecise, "KIND": 2 if row_stats else 0,
+                                     "ROW_STATS": row_stats}})
+
+    y_promoted = fp8.PROMOTE_Y
+    cast_ctas = cdiv(m, c["kCastTile"]) * cdiv(V, c["kCastTile"])
     y_bytes = m * D + V * D + 2 * m * V  # x8, w8 read (1 B per element), bf16 y written
     return Op("fp8_head", f"y = x8 @ w8^T at M={m}, V={V}, K={D} (e4m3 in, bf16 out); dx, dW alike",
               bytes=y_bytes, flops=bench.flops(*bench.gemm_shape("y", m)), flop_kind="fp8", kernels=[
-        Kernel("cuda fp8_gemm<e4m3,bf16> (y)", "y GEMM: TMA + wgmma, persistent, 2 consumer warpgroups",
-               symbol="fp8_gemm_kernelILb0E13__nv_bfloat16E", **gemm),
-        Kernel("cuda fp8_gemm<e5m2,bf16> (dx)", "dx GEMM (e5m2 gradient operand)",
-               symbol="fp8_gemm_kernelILb1E13__nv_bfloat16E", **gemm),
-        Kernel("cuda fp8_gemm<e5m2,fp32> (dW)", "dW GEMM, fp32 output", symbol="fp8_gemm_kernelILb1EfE", **gemm),
-        Kernel("cuda cast_fp8<bf16,e4m3>", "x -> x8 and x8^T", symbol="cast_fp8_kernelIN3c108BFloat16ELb0E",
-               ctas=triton.cdiv(m, c["kCastTile"]) * triton.cdiv(D, c["kCastTile"]), **cast),
-        Kernel("cuda ce_grad_e5m2", "loss gradient straight to e5m2 (g8 and g8^T)", symbol="ce_grad_e5m2_kernel",
-               ctas=cast_ctas, **cast),
-        *[Kernel(f"triton _fp8_gemm_kernel (y{' + row stats' if stats else ''})",
-                 "Triton backend y GEMM" + (" with the loss's per-tile sum-exp in the epilogue (fused head)"
-                                            if stats else ""), "triton",
-                 ctas=triton.cdiv(m, 128) * triton.cdiv(V, 128), runs_in_speedrun=False,
-                 spec={"module": "kernels.fp8_head", "kernel": "_fp8_gemm_kernel", "num_warps": 8, "num_stages": 3,
-                       **({"maxnreg": 128} if stats else {}),
-                       "args": {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "M": m, "N": V, "K": D,
-                                "stride_am": D, "stride_bn": D, "stride_cm": V, "alpha": 2.0 ** -10,
-                                "stats_ptr": "*fp32", "stride_stats": triton.cdiv(V, 128) if stats else 1,
-                                "cap": 30.0, "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5,
-                                "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
-                                "KIND": 2 if stats else 0, "ROW_STATS": stats}})
-          for stats in (False, True)],
+        gemm("e4m3", "bf16", y_promoted, m, V, " (y)", "y GEMM: TMA + wgmma, persistent, 2 consumer warpgroups, "
+             "one wgmma chain over K = 768 (kernels/fp8_head.py PROMOTE_Y), y out by TMA store overlapped with "
+             "the next tile", True),
+        gemm("e5m2", "bf16", True, m, D, " (dx)", "dx GEMM (e5m2 gradient operand), fp32 promotion every 128 of K",
+             True),
+        gemm("e5m2", "fp32", True, V, D, " (dW)", "dW GEMM, fp32 output, fp32 promotion every 128 of K", True),
+        gemm("e4m3", "bf16", not y_promoted, m, V, " (y, other mode)", "y GEMM with PROMOTE_Y flipped", False),
+        gemm("e5m2", "bf16", False, m, D, "", "fp8_gemm(promote=False) with an e5m2 operand, bf16 out", False),
+        gemm("e5m2", "fp32", False, V, D, "", "fp8_gemm(promote=False) with an e5m2 operand, fp32 out", False),
+        gemm("e4m3", "fp32", False, m, V, "", "fp8_gemm(promote=False), e4m3 operands, fp32 out", False),
+        gemm("e4m3", "fp32", True, m, V, "", "fp8_gemm(promote=True), e4m3 operands, fp32 out", False),
+        cast("bf16", "N3c108BFloat16E", False, m, D, "x -> x8 and x8^T", True),
+        cast("fp32", "f", False, V, D, "the fp32 head weight -> w8 and w8^T", True),
+        cast("bf16", "N3c108BFloat16E", True, m, V, "fp8_linear's backward: grad -> g8 and g8^T (the fused "
+             "head + loss writes them in ce_grad_e5m2 instead)", False),
+        cast("fp32", "f", True, m, V, "an fp32 gradient or input cast to e5m2", False),
+        cast("fp16", "N3c104HalfE", False, m, D, "fp16 input cast to e4m3", False),
+        cast("fp16", "N3c104HalfE", True, m, V, "fp16 gradient cast to e5m2", False),
+        Kernel("cuda ce_grad_e5m2", "loss gradient straight to e5m2 (g8 and g8^T)", "cuda",
+               threads=c["kCastThreads"], ctas=cast_ctas, source="fp8_head.cu", symbol="ce_grad_e5m2_kernel"),
+        triton_gemm("triton _fp8_gemm_kernel (y)", "*fp8e4nv", "*bf16", m, V, D, 2.0 ** -10, None),
+        triton_gemm("triton _fp8_gemm_kernel (dx, promoted)", "*fp8e5", "*bf16", m, D, V, 2.0 ** -28,
+                    fp8.PROMOTE_K),
+        triton_gemm("triton _fp8_gemm_kernel (y + row stats)", "*fp8e4nv", "*bf16", m, V, D, 2.0 ** -10, None,
+                    row_stats=True),
         Kernel("triton _loss_from_row_stats_kernel", "Triton fused head: row loss from the epilogue's partials",
-               "triton", ctas=triton.cdiv(m, 64), runs_in_speedrun=False,
+               "triton", ctas=cdiv(m, 64), runs_in_speedrun=False,
                spec={"module": "kernels.fp8_head", "kernel": "_loss_from_row_stats_kernel", "num_warps": 4,
                      "args": {"stats_ptr": "*fp32", "logits_ptr": "*bf16", "targets_ptr": "*i64",
-                              "loss_ptr": "*fp32", "n_rows": m, "n_tiles": triton.cdiv(V, 128), "n_cols": V,
-                              "stride_stats": triton.cdiv(V, 128), "stride_l": V, "ignore_index": -100,
+                              "loss_ptr": "*fp32", "n_rows": m, "n_tiles": cdiv(V, 128), "n_cols": V,
+                              "stride_stats": cdiv(V, 128), "stride_l": V, "ignore_index": -100,
                               "cap": 30.0, "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5, "KIND": 2,
                               "BLOCK_R": 64, "BLOCK_T": 64}}),
         Kernel("triton _ce_grad_e5m2_kernel", "Triton backend gradient to e5m2", "triton", ctas=cast_ctas,
@@ -187,7 +225,9 @@ def fp8_head() -> Op:
                               "stride_l": V, "stride_g8": V, "stride_g8t": m, "factor_stride": 0,
                               "ignore_index": -100, "cap": 30.0, "inv_cap": 1 / 30.0, "inv_scale": 1 / 7.5,
                               "grad_scale": 2.0 ** 19, "KIND": 2, "BLOCK_R": 64, "BLOCK_C": 64}}),
-    ], notes=["bytes and FLOPs are the y GEMM's (the largest output); dx and dW are compute-bound alike"])
+    ], notes=["bytes and FLOPs are the y GEMM's (the largest output); dx and dW are compute-bound alike",
+              f"dx and dW promote to fp32 every 128 of K (128x{c['kBNPromoted']} tiles); y "
+              + ("promotes too" if y_promoted else f"does not (128x{c['kBNFast']} tiles, PROMOTE_Y = False)")])
 
 
 # ---- newton_schulz -------------------------------------------------------------------------
