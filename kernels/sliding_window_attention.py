@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _backend, _checks, reference
 
@@ -176,29 +177,37 @@ def _doc_ids_of(doc_row, pos, T, HAS_DOCS: tl.constexpr):
         return pos
 
 
+# ---- tiles through TMA -------------------------------------------------------------------
+# q, k, v, dO are read through host-side TMA descriptors of their [B, T, H * D] views (the
+# launchers' _descriptor), in [1, ROWS, D] tiles: the copy engine computes every address (no
+# per-thread pointers held in registers across the pipeline's stages, which is what made
+# the pointer kernels spill) and fills rows past T with zeros, so no load needs a mask.
+# (A [B, T, H, D] descriptor with [1, ROWS, 1, D] tiles would take any head stride, but
+# its unit middle dimension makes Triton route every tile through registers: +30 to 75
+# registers per kernel in the sm_90 build.)
+
+@triton.jit
+def _tile(desc, batch, row0, head, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows [row0, row0 + ROWS) of one (batch, head), from a [B, T, H * D] descriptor (zeros past T)."""
+    return tl.reshape(desc.load([batch, row0, head * HEAD_DIM]), [ROWS, HEAD_DIM])
+
+
 # ---- forward ---------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                 T, window, scale_log2, block_start, block_end,
                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 WINDOW_BLOCK: tl.constexpr):
     """Online softmax over key blocks [block_start, block_end); MASKED evaluates the exact mask."""
-    dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_N)
     for block in range(block_start, block_end):
         n0 = block * BLOCK_N
-        k_ptrs = k_head + n0.to(tl.int64) * stride_kt + offs[:, None] * stride_kt + dims[None, :]
-        v_ptrs = v_head + n0.to(tl.int64) * stride_vt + offs[:, None] * stride_vt + dims[None, :]
-        k_pos = n0 + offs
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _tile(k_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+        v = _tile(v_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k))
         if MASKED:
+            k_pos = n0 + offs
             k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
             s = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
                                   HAS_DOCS, WINDOW_BLOCK), s, float("-inf"))
@@ -215,50 +224,45 @@ def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stri
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_fwd(
-    q_ptr, k_ptr, v_ptr, doc_ptr, o_ptr, lse_ptr,
+    q_desc, k_desc, v_desc, doc_ptr, o_ptr, lse_ptr,
     T, window, scale_log2,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_docb,
+    stride_ob, stride_ot, stride_oh, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
     """One program per (query block, head, batch): out rows [m0, m0 + BLOCK_M) and their lse."""
     head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = tl.program_id(2)
     m0 = tl.program_id(0) * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     rows = tl.arange(0, BLOCK_M)
     q_pos = m0 + rows
     dims = tl.arange(0, HEAD_DIM)
-    q_ptrs = (q_ptr + batch * stride_qb + head * stride_qh + m0.to(tl.int64) * stride_qt
-              + rows[:, None] * stride_qt + dims[None, :])
-    q = tl.load(q_ptrs, mask=q_pos[:, None] < T, other=0.0)
-    doc_row = doc_ptr + batch * stride_docb
+    q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
     q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
                                                    WINDOW_BLOCK)
 
-    k_head = k_ptr + batch * stride_kb + head * stride_kh
-    v_head = v_ptr + batch * stride_vb + head * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                                 T, window, scale_log2, first, full_first,
                                 True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                                 T, window, scale_log2, full_first, full_end,
                                 False, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                                 T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
 
     in_range = q_pos < T
     l_i = tl.where(in_range, l_i, 1.0)  # rows past T saw nothing; they are not stored
     out = acc / l_i[:, None]
-    o_ptrs = (o_ptr + batch * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_ot
+    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_ot
               + rows[:, None] * stride_ot + dims[None, :])
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=in_range[:, None])
-    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
     tl.store(lse_row + q_pos, m_i + tl.log2(l_i), mask=in_range)
 
 
@@ -285,26 +289,21 @@ def _sliding_window_attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                  doc_row, T, window, scale_log2, block_start, block_end,
                  MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  WINDOW_BLOCK: tl.constexpr):
     """Accumulate dK, dV (transposed layout: key rows) over query blocks [block_start, block_end)."""
-    dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_M)
     for block in range(block_start, block_end):
         m0 = block * BLOCK_M
         q_pos = m0 + offs
-        q_ptrs = q_head + m0.to(tl.int64) * stride_qt + offs[:, None] * stride_qt + dims[None, :]
-        do_ptrs = do_head + m0.to(tl.int64) * stride_dot + offs[:, None] * stride_dot + dims[None, :]
-        if MASKED:  # rows past T: q = do = 0, lse = +inf -> p = 0, ds = 0
-            q = tl.load(q_ptrs, mask=q_pos[:, None] < T, other=0.0)
-            do = tl.load(do_ptrs, mask=q_pos[:, None] < T, other=0.0)
+        q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)  # rows past T: q = do = 0
+        do = _tile(do_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+        if MASKED:  # rows past T: lse = +inf -> p = 0, ds = 0
             lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
             delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_row + q_pos)
             delta = tl.load(delta_row + q_pos)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])  # [BLOCK_N, BLOCK_M]
@@ -321,10 +320,8 @@ def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, dk_ptr, dv_ptr,
-    T, window, scale, scale_log2,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, dk_ptr, dv_ptr,
+    T, window, scale, scale_log2, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
@@ -333,67 +330,56 @@ def _sliding_window_attn_bwd_dkdv(
     dk, dv are contiguous [B, T, H, D]; each program owns its rows, so no atomics.
     """
     head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = tl.program_id(2)
     n0 = tl.program_id(0) * BLOCK_N
     n_last = tl.minimum(n0 + BLOCK_N, T) - 1
     offs = tl.arange(0, BLOCK_N)
     k_pos = n0 + offs
     dims = tl.arange(0, HEAD_DIM)
-    in_range = k_pos[:, None] < T
-    k = tl.load(k_ptr + batch * stride_kb + head * stride_kh + n0.to(tl.int64) * stride_kt
-                + offs[:, None] * stride_kt + dims[None, :], mask=in_range, other=0.0)
-    v = tl.load(v_ptr + batch * stride_vb + head * stride_vh + n0.to(tl.int64) * stride_vt
-                + offs[:, None] * stride_vt + dims[None, :], mask=in_range, other=0.0)
-    doc_row = doc_ptr + batch * stride_docb
+    k = _tile(k_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+    v = _tile(v_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
     k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _query_blocks(doc_row, k_docs, n0, n_last, T, window, HAS_DOCS,
                                                      BLOCK_M, SCAN, WINDOW_BLOCK)
 
-    q_head = q_ptr + batch * stride_qb + head * stride_qh
-    do_head = do_ptr + batch * stride_dob + head * stride_doh
-    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
-    delta_row = delta_ptr + (batch * tl.num_programs(1) + head) * T
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
+    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                           doc_row, T, window, scale_log2, first, full_first,
                           True, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                           doc_row, T, window, scale_log2, full_first, full_end,
                           False, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                           doc_row, T, window, scale_log2, full_end, end,
                           True, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
 
     # dk, dv are contiguous [B, T, H, D] with q's B, T, H.
     n_heads = tl.num_programs(1)
-    out_offsets = ((batch * T + n0) * n_heads + head) * HEAD_DIM + (offs[:, None] * n_heads * HEAD_DIM
-                                                                    + dims[None, :])
+    in_range = k_pos[:, None] < T
+    out_offsets = ((batch.to(tl.int64) * T + n0) * n_heads + head) * HEAD_DIM + (offs[:, None] * n_heads * HEAD_DIM
+                                                                                 + dims[None, :])
     tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=in_range)
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                T, window, scale_log2, block_start, block_end,
                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                WINDOW_BLOCK: tl.constexpr):
     """Accumulate dQ over key blocks [block_start, block_end)."""
-    dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_N)
     for block in range(block_start, block_end):
         n0 = block * BLOCK_N
-        k_pos = n0 + offs
-        k_ptrs = k_head + n0.to(tl.int64) * stride_kt + offs[:, None] * stride_kt + dims[None, :]
-        v_ptrs = v_head + n0.to(tl.int64) * stride_vt + offs[:, None] * stride_vt + dims[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _tile(k_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+        v = _tile(v_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
         if MASKED:
+            k_pos = n0 + offs
             k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
             p = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
                                   HAS_DOCS, WINDOW_BLOCK), p, 0.0)
@@ -405,68 +391,83 @@ def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, 
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_bwd_dq(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, dq_ptr,
-    T, window, scale, scale_log2,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, dq_ptr,
+    T, window, scale, scale_log2, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
     """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics."""
     head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = tl.program_id(2)
     m0 = tl.program_id(0) * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     rows = tl.arange(0, BLOCK_M)
     q_pos = m0 + rows
     dims = tl.arange(0, HEAD_DIM)
-    in_range = q_pos[:, None] < T
-    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + m0.to(tl.int64) * stride_qt
-                + rows[:, None] * stride_qt + dims[None, :], mask=in_range, other=0.0)
-    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + m0.to(tl.int64) * stride_dot
-                 + rows[:, None] * stride_dot + dims[None, :], mask=in_range, other=0.0)
-    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
-    delta_row = delta_ptr + (batch * tl.num_programs(1) + head) * T
+    q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    do = _tile(do_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
+    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
     lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
     delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
-    doc_row = doc_ptr + batch * stride_docb
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
     q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
                                                    WINDOW_BLOCK)
 
-    k_head = k_ptr + batch * stride_kb + head * stride_kh
-    v_head = v_ptr + batch * stride_vb + head * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                     T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                     T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                     T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
 
     n_heads = tl.num_programs(1)
-    out_offsets = ((batch * T + m0) * n_heads + head) * HEAD_DIM + (rows[:, None] * n_heads * HEAD_DIM
-                                                                    + dims[None, :])
+    in_range = q_pos[:, None] < T
+    out_offsets = ((batch.to(tl.int64) * T + m0) * n_heads + head) * HEAD_DIM + (rows[:, None] * n_heads * HEAD_DIM
+                                                                                 + dims[None, :])
     tl.store(dq_ptr + out_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=in_range)
-
 
 # ---- launchers -------------------------------------------------------------------------
 
-# Block sizes and warps per kernel and head dim: 128-row wgmma tiles over two warpgroups,
-# chosen so that the sm_90 builds of all three kernels fit in 255 registers without
-# spilling (checked ahead of time with cuobjdump -res-usage; at D = 128, BLOCK_N = 128 in
-# the forward spilled).  NOT timed on a GPU yet: see bench/NOTES.md.  Tests pass smaller
-# blocks to exercise many blocks at small T.
+# Block sizes and warps per kernel and head dim: 128-row wgmma tiles over two warpgroups
+# (dK/dV: 64 keys x 64 queries, the widest tiles whose accumulators, K and V fit), chosen
+# so that the sm_90 builds of all three kernels fit in 255 registers without spilling
+# (bench/results/static/sliding_window_attention.md; bench/NOTES.md lists what spilled).
+# NOT timed on a GPU yet.  Tests pass smaller blocks to exercise many blocks at small T.
 CONFIGS = {
     64: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-         "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+         "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
          "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
     128: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-          "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+          "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
           "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
 }
 DELTA_BLOCK_M = 64
 LOG2_E = 1.4426950408889634
+
+
+def _descriptor(t, rows):
+    """TMA descriptor of a [B, T, H, D] tensor read in [1, rows, D] tiles of its [B, T, H * D] view.
+
+    That view needs the heads packed along each row (stride_h == D; true of contiguous
+    tensors and of the model's fused-QKV chunks); TMA also wants a 16-byte aligned base and
+    16-byte multiple strides.  A tensor without them (an odd storage offset, an expanded
+    gradient) is copied once.  A size-1 dimension is never stepped along, so its stride
+    (which torch leaves arbitrary) is replaced by a valid one.
+    """
+    batch, length, heads, head_dim = t.shape
+
+    def strides(t):
+        token = t.stride(1) if length > 1 else heads * head_dim
+        return [t.stride(0) if batch > 1 else length * token, token]
+
+    size = t.element_size()
+    if (t.data_ptr() % 16 or (heads > 1 and t.stride(2) != head_dim)
+            or any(stride <= 0 or stride * size % 16 for stride in strides(t))):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return TensorDescriptor(t, [batch, length, heads * head_dim], [*strides(t), 1], [1, rows, head_dim])
 
 
 def _new_output(shape, dtype, device):
@@ -498,8 +499,9 @@ def _forward(q, k, v, doc_ids, window, scale, config=None, block_size=1):
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
     grid = (triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)
     _sliding_window_attn_fwd[grid](
-        q, k, v, docs, out, lse, length, _kernel_window(window, length, block_size), scale * LOG2_E,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], doc_stride,
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+        docs, out, lse, length, _kernel_window(window, length, block_size), scale * LOG2_E,
+        *out.stride()[:3], doc_stride,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return out, lse
 
@@ -517,15 +519,16 @@ def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None, 
         out, grad_out, delta, length, *out.stride()[:3], *grad_out.stride()[:3],
         HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
     dq, dk, dv = (_new_output((batch, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
-    common = (length, kernel_window, scale, scale * LOG2_E,
-              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], doc_stride)
+    common = (length, kernel_window, scale, scale * LOG2_E, doc_stride)
     cfg = configs["dkdv"]
     _sliding_window_attn_bwd_dkdv[(triton.cdiv(length, cfg["BLOCK_N"]), heads, batch)](
-        q, k, v, grad_out, lse, delta, docs, dk, dv, *common,
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, dk, dv, *common,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     cfg = configs["dq"]
     _sliding_window_attn_bwd_dq[(triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)](
-        q, k, v, grad_out, lse, delta, docs, dq, *common,
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, dq, *common,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return dq, dk, dv
 

@@ -178,6 +178,29 @@ def test_strided_slices_of_a_fused_qkv_are_read_in_place(interpreter_device):
                               torch.float16)
 
 
+def test_tensors_that_tma_cannot_read_in_place_are_copied(interpreter_device):
+    # TMA reads [B, T, H * D] views: heads packed along a row, 16-byte aligned base and
+    # strides.  The model's fused-QKV chunks are read in place; a head-major layout, an
+    # odd storage offset and an expanded (stride-0) gradient are copied, with equal results.
+    fused = torch.randn(2, 40, 3 * 2, 64, generator=torch.Generator().manual_seed(2)).half().to(interpreter_device)
+    q, k, v = fused.chunk(3, dim=-2)
+    assert swa._descriptor(q, 16).base is q
+    head_major = q.transpose(1, 2).contiguous().transpose(1, 2)  # stride_h = T * D
+    storage = torch.empty(q.numel() + 1, dtype=q.dtype, device=interpreter_device)
+    misaligned = storage[1:].view(q.shape).copy_(q)  # base 2 bytes past an aligned one
+    expanded = torch.ones(1, 1, 1, 64, dtype=q.dtype, device=interpreter_device).expand(q.shape)
+    for odd in (head_major, misaligned, expanded):
+        desc = swa._descriptor(odd, 16)
+        assert desc.base is not odd and torch.equal(desc.base, odd)
+    doc_ids = documents(2, 40, device=interpreter_device)
+    expected, lse = swa._forward(q, k, v, doc_ids, 9, 0.12, SMALL["fwd"])
+    for odd_q in (head_major, misaligned):
+        assert torch.equal(swa._forward(odd_q, k, v, doc_ids, 9, 0.12, SMALL["fwd"])[0], expected)
+    grads = swa._backward(expanded, q, k, v, expected, lse, doc_ids, 9, 0.12, SMALL)
+    assert all(torch.equal(g, e) for g, e in zip(grads, swa._backward(expanded.contiguous(), q, k, v, expected, lse,
+                                                                       doc_ids, 9, 0.12, SMALL)))
+
+
 # ---- block ranges against a brute-force mask -------------------------------------------
 
 @triton.jit
@@ -527,22 +550,28 @@ def _hopper_specs(dtype="bf16", head_dim=128):
         return {f"stride_{n}{axis}": "i32" for n in names for axis in "bth"}
 
     tensor = f"*{dtype}"
+
+    def descriptors(config, **blocks):  # q, k, v, dO: TMA descriptors of [B, T, H * D] views
+        return {arg: f"tensordesc<{dtype}[1, {config[block]}, {head_dim}]>" for arg, block in blocks.items()}
+
+    qkv = dict(q_desc="BLOCK_M", k_desc="BLOCK_N", v_desc="BLOCK_N")
     signatures = {
-        "fwd": ("_sliding_window_attn_fwd", {
-            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "doc_ptr": "*i32", "o_ptr": tensor, "lse_ptr": "*fp32",
-            "T": "i32", "window": "i32", "scale_log2": "fp32", **strides("q", "k", "v", "o"), "stride_docb": "i32"}),
-        "dkdv": ("_sliding_window_attn_bwd_dkdv", {
-            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor, "lse_ptr": "*fp32",
+        "fwd": ("_sliding_window_attn_fwd", lambda c: {
+            **descriptors(c, **qkv), "doc_ptr": "*i32", "o_ptr": tensor, "lse_ptr": "*fp32",
+            "T": "i32", "window": "i32", "scale_log2": "fp32", **strides("o"), "stride_docb": "i32"}),
+        "dkdv": ("_sliding_window_attn_bwd_dkdv", lambda c: {
+            **descriptors(c, **qkv, do_desc="BLOCK_M"), "lse_ptr": "*fp32",
             "delta_ptr": "*fp32", "doc_ptr": "*i32", "dk_ptr": tensor, "dv_ptr": tensor, "T": "i32", "window": "i32",
-            "scale": "fp32", "scale_log2": "fp32", **strides("q", "k", "v", "do"), "stride_docb": "i32"}),
-        "dq": ("_sliding_window_attn_bwd_dq", {
-            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor, "lse_ptr": "*fp32",
+            "scale": "fp32", "scale_log2": "fp32", "stride_docb": "i32"}),
+        "dq": ("_sliding_window_attn_bwd_dq", lambda c: {
+            **descriptors(c, **qkv, do_desc="BLOCK_M"), "lse_ptr": "*fp32",
             "delta_ptr": "*fp32", "doc_ptr": "*i32", "dq_ptr": tensor, "T": "i32", "window": "i32",
-            "scale": "fp32", "scale_log2": "fp32", **strides("q", "k", "v", "do"), "stride_docb": "i32"}),
+            "scale": "fp32", "scale_log2": "fp32", "stride_docb": "i32"}),
     }
     specs = []
-    for name, (kernel, signature) in signatures.items():
+    for name, (kernel, make_signature) in signatures.items():
         config = dict(swa.CONFIGS[head_dim][name])
+        signature = make_signature(config)
         warps = config.pop("num_warps")
         config.pop("num_stages")
         # What the JIT specializes at the speedrun's shapes: 16-byte aligned tensors, strides
@@ -568,10 +597,11 @@ def test_triton_kernels_compile_for_sm90_with_wgmma():
         ptx = compiled["ptx"]
         assert compiled["cubin_bytes"] > 0 and ".target sm_90" in ptx, spec["kernel"]
         if spec["kernel"] != "_sliding_window_attn_bwd_delta":
-            # Hopper tensor cores, fed by asynchronous (pipelined) copies of K/V or Q/dO tiles.
+            # Hopper tensor cores, fed by TMA copies of the Q, K, V and dO tiles.
             assert "wgmma.mma_async" in ptx, spec["kernel"]
-            assert "cp.async" in ptx, spec["kernel"]
-        assert re.search(r"ld\.global\S*\.v4\.b32", ptx) or "cp.async.cg.shared.global" in ptx, spec["kernel"]
+            assert "cp.async.bulk.tensor" in ptx, spec["kernel"]
+        else:
+            assert re.search(r"ld\.global\S*\.v4\.b32", ptx), spec["kernel"]
 
 
 # ---- GPU: bf16 against FlexAttention with the exact same mask ------------------------------

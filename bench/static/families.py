@@ -290,23 +290,27 @@ def sliding_window_attention() -> Op:
     pairs = bench.visible_pairs(bench.document_lengths(t), WINDOW)
     strides = {"b": t * HEADS * HEAD_DIM, "t": HEADS * HEAD_DIM, "h": HEAD_DIM}
 
-    def spec(name: str, kernel: str, pointers: list[str], extra: dict, tensors: str) -> dict:
+    def spec(name: str, kernel: str, rows: dict[str, str], extra: dict) -> dict:
+        # rows: descriptor argument -> the config block its tiles span (q, k, v, dO are TMA
+        # descriptors of [B, T, H, D] read in [1, rows, 1, D] tiles; kernels._descriptor).
         config = dict(swa.CONFIGS[HEAD_DIM][name])
+        descriptors = {arg: f"tensordesc<bf16[1, {config[block]}, {HEAD_DIM}]>" for arg, block in rows.items()}
         return {"module": "kernels.sliding_window_attention", "kernel": kernel,
                 "num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages"),
-                "args": {**{p: "*bf16" for p in pointers}, "lse_ptr": "*fp32", "doc_ptr": "*i32", "T": t,
-                         "window": WINDOW, **extra,
-                         **{f"stride_{n}{axis}": strides[axis] for n in tensors for axis in "bth"},
-                         "stride_docb": t, "HAS_DOCS": True, "WINDOW_BLOCK": 128, "HEAD_DIM": HEAD_DIM, "SCAN": swa.SCAN_CHUNK, **config}}
+                "args": {**descriptors, "lse_ptr": "*fp32", "doc_ptr": "*i32", "T": t, "window": WINDOW, **extra,
+                         "stride_docb": t, "HAS_DOCS": True, "WINDOW_BLOCK": 128, "HEAD_DIM": HEAD_DIM,
+                         "SCAN": swa.SCAN_CHUNK, **config}}
 
     scales = {"scale": HEAD_DIM ** -0.5, "scale_log2": HEAD_DIM ** -0.5 * swa.LOG2_E}
-    fwd = spec("fwd", "_sliding_window_attn_fwd", ["q_ptr", "k_ptr", "v_ptr", "o_ptr"],
-               {"scale_log2": scales["scale_log2"]}, "qkvo")
+    qkv_rows = {"q_desc": "BLOCK_M", "k_desc": "BLOCK_N", "v_desc": "BLOCK_N"}
+    fwd = spec("fwd", "_sliding_window_attn_fwd", qkv_rows,
+               {"o_ptr": "*bf16", "scale_log2": scales["scale_log2"],
+                **{f"stride_o{axis}": strides[axis] for axis in "bth"}})
     backward = {"delta_ptr": "*fp32", **scales}
-    dkdv = spec("dkdv", "_sliding_window_attn_bwd_dkdv", ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"],
-                backward, ["q", "k", "v", "do"])
-    dq = spec("dq", "_sliding_window_attn_bwd_dq", ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr"],
-              backward, ["q", "k", "v", "do"])
+    dkdv = spec("dkdv", "_sliding_window_attn_bwd_dkdv", {**qkv_rows, "do_desc": "BLOCK_M"},
+                {"dk_ptr": "*bf16", "dv_ptr": "*bf16", **backward})
+    dq = spec("dq", "_sliding_window_attn_bwd_dq", {**qkv_rows, "do_desc": "BLOCK_M"},
+              {"dq_ptr": "*bf16", **backward})
     delta = {"module": "kernels.sliding_window_attention", "kernel": "_sliding_window_attn_bwd_delta",
              "num_warps": 4, "args": {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "T": t,
                                       **{f"stride_{n}{axis}": strides[axis] for n in ("o", "do") for axis in "bth"},
