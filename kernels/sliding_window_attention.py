@@ -432,15 +432,16 @@ def _sliding_window_attn_bwd_dq(
 # ---- launchers -------------------------------------------------------------------------
 
 # Block sizes and warps per kernel and head dim: 128-row wgmma tiles over two warpgroups
-# (dK/dV: 64 keys x 64 queries, the widest tiles whose accumulators, K and V fit), chosen
-# so that the sm_90 builds of all three kernels fit in 255 registers without spilling
-# (bench/results/static/sliding_window_attention.md; bench/NOTES.md lists what spilled).
-# NOT timed on a GPU yet.  Tests pass smaller blocks to exercise many blocks at small T.
+# (forward 128 x 128 with K/V double-buffered: 3 stages would take all 227 KB of shared
+# memory; dK/dV 64 keys x 64 queries, the widest tiles whose accumulators, K and V fit),
+# chosen so that the sm_90 builds of all three kernels fit in 255 registers without
+# spilling (bench/results/static/sliding_window_attention.md; bench/NOTES.md lists what
+# spilled).  NOT timed on a GPU yet.  Tests pass smaller blocks to exercise many blocks.
 CONFIGS = {
-    64: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    64: {"fwd": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
          "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
          "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
-    128: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    128: {"fwd": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
           "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
           "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
 }
