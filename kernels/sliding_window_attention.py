@@ -177,6 +177,42 @@ def _doc_ids_of(doc_row, pos, T, HAS_DOCS: tl.constexpr):
         return pos
 
 
+# ---- longest work first ------------------------------------------------------------------
+# The GPU hands out a grid's CTAs in launch order, so launching the blocks with the most key
+# (query) blocks to visit first is longest-processing-time-first list scheduling: the last
+# wave is made of short blocks and the tail of idle SMs shrinks.  Work varies with the
+# data: a query block near its document's start (or the sequence start) sees few keys.  So
+# each launch reads its block index from `order`, a permutation computed on the device
+# (no host sync, capturable in a CUDA graph) from _block_work and a stable descending sort.
+# The grid is (heads, blocks, batch): heads vary fastest, so the launch order is longest
+# first across all heads, not per head.
+
+@triton.jit(do_not_specialize=["window"])
+def _block_work(doc_ptr, work_ptr, T, window, stride_docb, HAS_DOCS: tl.constexpr, QUERY_BLOCKS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr):
+    """work[b, p] = key blocks that query block p visits (QUERY_BLOCKS; the forward and dQ),
+    else query blocks that key block p visits (dK/dV): the same ranges the kernels walk."""
+    batch = tl.program_id(1)
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
+    if QUERY_BLOCKS:
+        m0 = tl.program_id(0) * BLOCK_M
+        q_docs = _doc_ids_of(doc_row, m0 + tl.arange(0, BLOCK_M), T, HAS_DOCS)
+        first, _, _, end = _key_blocks(doc_row, q_docs, m0, tl.minimum(m0 + BLOCK_M, T) - 1, window, HAS_DOCS,
+                                       BLOCK_N, SCAN, WINDOW_BLOCK)
+    else:
+        n0 = tl.program_id(0) * BLOCK_N
+        k_docs = _doc_ids_of(doc_row, n0 + tl.arange(0, BLOCK_N), T, HAS_DOCS)
+        first, _, _, end = _query_blocks(doc_row, k_docs, n0, tl.minimum(n0 + BLOCK_N, T) - 1, T, window, HAS_DOCS,
+                                         BLOCK_M, SCAN, WINDOW_BLOCK)
+    tl.store(work_ptr + batch * tl.num_programs(0) + tl.program_id(0), end - first)
+
+
+@triton.jit
+def _launch_block(order_ptr, batch):
+    """The block this program computes: entry program_id(1) of its batch row's order."""
+    return tl.load(order_ptr + batch.to(tl.int64) * tl.num_programs(1) + tl.program_id(1))
+
+
 # ---- tiles through TMA -------------------------------------------------------------------
 # q, k, v, dO are read through host-side TMA descriptors of their [B, T, H * D] views (the
 # launchers' _descriptor), in [1, ROWS, D] tiles: the copy engine computes every address (no
@@ -224,16 +260,16 @@ def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, do
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_fwd(
-    q_desc, k_desc, v_desc, doc_ptr, o_ptr, lse_ptr,
+    q_desc, k_desc, v_desc, doc_ptr, order_ptr, o_ptr, lse_ptr,
     T, window, scale_log2,
     stride_ob, stride_ot, stride_oh, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
     """One program per (query block, head, batch): out rows [m0, m0 + BLOCK_M) and their lse."""
-    head = tl.program_id(1)
+    head = tl.program_id(0)
     batch = tl.program_id(2)
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = _launch_block(order_ptr, batch) * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     rows = tl.arange(0, BLOCK_M)
     q_pos = m0 + rows
@@ -262,7 +298,7 @@ def _sliding_window_attn_fwd(
     o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_ot
               + rows[:, None] * stride_ot + dims[None, :])
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=in_range[:, None])
-    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     tl.store(lse_row + q_pos, m_i + tl.log2(l_i), mask=in_range)
 
 
@@ -320,7 +356,7 @@ def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_bwd_dkdv(
-    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, dk_ptr, dv_ptr,
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, order_ptr, dk_ptr, dv_ptr,
     T, window, scale, scale_log2, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
@@ -329,9 +365,9 @@ def _sliding_window_attn_bwd_dkdv(
 
     dk, dv are contiguous [B, T, H, D]; each program owns its rows, so no atomics.
     """
-    head = tl.program_id(1)
+    head = tl.program_id(0)
     batch = tl.program_id(2)
-    n0 = tl.program_id(0) * BLOCK_N
+    n0 = _launch_block(order_ptr, batch) * BLOCK_N
     n_last = tl.minimum(n0 + BLOCK_N, T) - 1
     offs = tl.arange(0, BLOCK_N)
     k_pos = n0 + offs
@@ -343,8 +379,8 @@ def _sliding_window_attn_bwd_dkdv(
     first, full_first, full_end, end = _query_blocks(doc_row, k_docs, n0, n_last, T, window, HAS_DOCS,
                                                      BLOCK_M, SCAN, WINDOW_BLOCK)
 
-    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
-    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
+    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
@@ -358,7 +394,7 @@ def _sliding_window_attn_bwd_dkdv(
                           True, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
 
     # dk, dv are contiguous [B, T, H, D] with q's B, T, H.
-    n_heads = tl.num_programs(1)
+    n_heads = tl.num_programs(0)
     in_range = k_pos[:, None] < T
     out_offsets = ((batch.to(tl.int64) * T + n0) * n_heads + head) * HEAD_DIM + (offs[:, None] * n_heads * HEAD_DIM
                                                                                  + dims[None, :])
@@ -391,23 +427,23 @@ def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_bwd_dq(
-    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, dq_ptr,
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, order_ptr, dq_ptr,
     T, window, scale, scale_log2, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
     """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics."""
-    head = tl.program_id(1)
+    head = tl.program_id(0)
     batch = tl.program_id(2)
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = _launch_block(order_ptr, batch) * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     rows = tl.arange(0, BLOCK_M)
     q_pos = m0 + rows
     dims = tl.arange(0, HEAD_DIM)
     q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
     do = _tile(do_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
-    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
-    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(1) + head) * T
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
+    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
     delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
     doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
@@ -423,7 +459,7 @@ def _sliding_window_attn_bwd_dq(
     dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                     T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
 
-    n_heads = tl.num_programs(1)
+    n_heads = tl.num_programs(0)
     in_range = q_pos[:, None] < T
     out_offsets = ((batch.to(tl.int64) * T + m0) * n_heads + head) * HEAD_DIM + (rows[:, None] * n_heads * HEAD_DIM
                                                                                  + dims[None, :])
@@ -491,6 +527,17 @@ def _doc_args(doc_ids: Optional[torch.Tensor], device):
     return doc_ids, doc_ids.stride(0), True
 
 
+def _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, query_blocks, device):
+    """[B, blocks] int32: per batch row, the query (query_blocks) or key blocks of a kernel
+    with config cfg, most work first (ties in position order); see _block_work."""
+    blocks = triton.cdiv(length, cfg["BLOCK_M"] if query_blocks else cfg["BLOCK_N"])
+    work = _new_output((batch, blocks), torch.int32, device)
+    _block_work[(blocks, batch)](docs, work, length, kernel_window, doc_stride, HAS_DOCS=has_docs,
+                                 QUERY_BLOCKS=query_blocks, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                 SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, num_warps=4)
+    return torch.argsort(work, dim=1, descending=True, stable=True).to(torch.int32)
+
+
 def _forward(q, k, v, doc_ids, window, scale, config=None, block_size=1):
     """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 in base-2 units of scale*log2(e)*q.k)."""
     batch, length, heads, head_dim = q.shape
@@ -498,10 +545,11 @@ def _forward(q, k, v, doc_ids, window, scale, config=None, block_size=1):
     out = _new_output((batch, length, heads, head_dim), q.dtype, q.device)
     lse = _new_output((batch, heads, length), torch.float32, q.device)
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
-    grid = (triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)
-    _sliding_window_attn_fwd[grid](
+    kernel_window = _kernel_window(window, length, block_size)
+    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, True, q.device)
+    _sliding_window_attn_fwd[(heads, order.shape[1], batch)](
         _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
-        docs, out, lse, length, _kernel_window(window, length, block_size), scale * LOG2_E,
+        docs, order, out, lse, length, kernel_window, scale * LOG2_E,
         *out.stride()[:3], doc_stride,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return out, lse
@@ -522,14 +570,16 @@ def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None, 
     dq, dk, dv = (_new_output((batch, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
     common = (length, kernel_window, scale, scale * LOG2_E, doc_stride)
     cfg = configs["dkdv"]
-    _sliding_window_attn_bwd_dkdv[(triton.cdiv(length, cfg["BLOCK_N"]), heads, batch)](
+    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, False, q.device)
+    _sliding_window_attn_bwd_dkdv[(heads, order.shape[1], batch)](
         _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
-        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, dk, dv, *common,
+        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, order, dk, dv, *common,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     cfg = configs["dq"]
-    _sliding_window_attn_bwd_dq[(triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)](
+    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, True, q.device)
+    _sliding_window_attn_bwd_dq[(heads, order.shape[1], batch)](
         _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
-        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, dq, *common,
+        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, order, dq, *common,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return dq, dk, dv
 

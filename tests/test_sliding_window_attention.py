@@ -149,8 +149,8 @@ def test_document_scan_over_many_chunks(monkeypatch, interpreter_device):
 
 def test_every_output_element_is_written(monkeypatch, interpreter_device):
     # Every output, the saved lse and the delta buffer start as NaN: a missed row stays NaN.
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    def poisoned(shape, dtype, device):  # the int32 block work: -1 (test_block_work_... checks its values)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
     monkeypatch.setattr(swa, "_new_output", poisoned)
     b, t, h, d = 2, 45, 2, 64  # 45 = one full and one partial 32-row block
@@ -286,6 +286,35 @@ def test_block_ranges_visit_exactly_the_visible_blocks(t, window, lengths, bm, b
     saw_full = _check_ranges(key_ranges.cpu(), mask, bm, bn, t)
     assert _check_ranges(query_ranges.cpu(), mask.T, bn, bm, t) == saw_full
     assert saw_full == expect_full  # the unmasked path is exercised wherever it can be
+
+
+@pytest.mark.parametrize("t,window,lengths,bm,bn,block_size", [
+    (200, 50, [40, 3, 1, 70, 9], 16, 32, None),
+    (173, None, [90, 20], 32, 16, None),
+    (97, 300, None, 32, 16, None),
+    (300, 128, [150, 20], 32, 16, 128),
+])
+def test_launch_order_is_longest_work_first(t, window, lengths, bm, bn, block_size, interpreter_device):
+    # _block_work counts, per query (key) block, the key (query) blocks with a visible pair,
+    # exactly as the brute-force mask does; the launch order is a permutation that sorts
+    # that work in descending order, ties in position order.
+    doc_ids = documents_of_lengths(lengths, t) if lengths else None
+    mask = reference.attention_mask(t, window=window, doc_ids=doc_ids, block_size=block_size)[0]
+    docs, doc_stride, has_docs = swa._doc_args(doc_ids.to(interpreter_device) if lengths else None,
+                                               interpreter_device)
+    kernel_window = swa._kernel_window(window or 0, t, block_size or 1)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn)
+    for query_blocks, own, other, rows in ((True, bm, bn, mask), (False, bn, bm, mask.T)):
+        order = swa._longest_first(docs, doc_stride, has_docs, 1, t, kernel_window, cfg, block_size or 1,
+                                   query_blocks, interpreter_device)[0].cpu()
+        work = torch.tensor([[bool(rows[p * own:(p + 1) * own, c * other:(c + 1) * other].any())
+                              for c in range(triton.cdiv(t, other))] for p in range(triton.cdiv(t, own))]).sum(1)
+        assert sorted(order.tolist()) == list(range(len(work)))
+        ranked = work[order.long()]
+        assert (ranked[:-1] >= ranked[1:]).all()
+        ties = ranked[:-1] == ranked[1:]
+        assert (order[:-1][ties] < order[1:][ties]).all()
+        assert ranked[0] > ranked[-1]  # the cases do have cheaper blocks (document or sequence starts)
 
 
 # ---- block-granular windows against the 2025-01 record's own BlockMask ---------------------
@@ -557,15 +586,15 @@ def _hopper_specs(dtype="bf16", head_dim=128):
     qkv = dict(q_desc="BLOCK_M", k_desc="BLOCK_N", v_desc="BLOCK_N")
     signatures = {
         "fwd": ("_sliding_window_attn_fwd", lambda c: {
-            **descriptors(c, **qkv), "doc_ptr": "*i32", "o_ptr": tensor, "lse_ptr": "*fp32",
+            **descriptors(c, **qkv), "doc_ptr": "*i32", "order_ptr": "*i32", "o_ptr": tensor, "lse_ptr": "*fp32",
             "T": "i32", "window": "i32", "scale_log2": "fp32", **strides("o"), "stride_docb": "i32"}),
         "dkdv": ("_sliding_window_attn_bwd_dkdv", lambda c: {
-            **descriptors(c, **qkv, do_desc="BLOCK_M"), "lse_ptr": "*fp32",
-            "delta_ptr": "*fp32", "doc_ptr": "*i32", "dk_ptr": tensor, "dv_ptr": tensor, "T": "i32", "window": "i32",
+            **descriptors(c, **qkv, do_desc="BLOCK_M"), "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+            "doc_ptr": "*i32", "order_ptr": "*i32", "dk_ptr": tensor, "dv_ptr": tensor, "T": "i32", "window": "i32",
             "scale": "fp32", "scale_log2": "fp32", "stride_docb": "i32"}),
         "dq": ("_sliding_window_attn_bwd_dq", lambda c: {
-            **descriptors(c, **qkv, do_desc="BLOCK_M"), "lse_ptr": "*fp32",
-            "delta_ptr": "*fp32", "doc_ptr": "*i32", "dq_ptr": tensor, "T": "i32", "window": "i32",
+            **descriptors(c, **qkv, do_desc="BLOCK_M"), "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+            "doc_ptr": "*i32", "order_ptr": "*i32", "dq_ptr": tensor, "T": "i32", "window": "i32",
             "scale": "fp32", "scale_log2": "fp32", "stride_docb": "i32"}),
     }
     specs = []

@@ -297,7 +297,8 @@ def sliding_window_attention() -> Op:
         descriptors = {arg: f"tensordesc<bf16[1, {config[block]}, {HEAD_DIM}]>" for arg, block in rows.items()}
         return {"module": "kernels.sliding_window_attention", "kernel": kernel,
                 "num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages"),
-                "args": {**descriptors, "lse_ptr": "*fp32", "doc_ptr": "*i32", "T": t, "window": WINDOW, **extra,
+                "args": {**descriptors, "lse_ptr": "*fp32", "doc_ptr": "*i32", "order_ptr": "*i32", "T": t,
+                         "window": WINDOW, **extra,
                          "stride_docb": t, "HAS_DOCS": True, "WINDOW_BLOCK": 128, "HEAD_DIM": HEAD_DIM,
                          "SCAN": swa.SCAN_CHUNK, **config}}
 
@@ -316,6 +317,12 @@ def sliding_window_attention() -> Op:
                                       **{f"stride_{n}{axis}": strides[axis] for n in ("o", "do") for axis in "bth"},
                                       "HEAD_DIM": HEAD_DIM, "BLOCK_M": swa.DELTA_BLOCK_M}}
 
+    fwd_blocks = swa.CONFIGS[HEAD_DIM]["fwd"]
+    work = {"module": "kernels.sliding_window_attention", "kernel": "_block_work", "num_warps": 4,
+            "args": {"doc_ptr": "*i32", "work_ptr": "*i32", "T": t, "window": WINDOW, "stride_docb": t,
+                     "HAS_DOCS": True, "QUERY_BLOCKS": True, "BLOCK_M": fwd_blocks["BLOCK_M"],
+                     "BLOCK_N": fwd_blocks["BLOCK_N"], "SCAN": swa.SCAN_CHUNK, "WINDOW_BLOCK": 128}}
+
     def grid(name: str, block: str) -> int:
         return triton.cdiv(t, swa.CONFIGS[HEAD_DIM][name][block]) * HEADS
 
@@ -324,6 +331,9 @@ def sliding_window_attention() -> Op:
               bytes=0, flops=bench.flops(pairs, "fwd+bwd", HEADS, HEAD_DIM), flop_kind="bf16", kernels=[
         Kernel("triton _sliding_window_attn_fwd", "forward: online softmax over visible key blocks", "triton",
                ctas=grid("fwd", "BLOCK_M"), spec=fwd),
+        Kernel("triton _block_work", "key blocks per query block, for the longest-first launch order "
+               "(once per forward, dQ and, per key block, dK/dV)", "triton",
+               ctas=triton.cdiv(t, fwd_blocks["BLOCK_M"]), spec=work),
         Kernel("triton _sliding_window_attn_bwd_delta", "delta = rowsum(dO * O)", "triton",
                ctas=triton.cdiv(t, swa.DELTA_BLOCK_M) * HEADS, spec=delta),
         Kernel("triton _sliding_window_attn_bwd_dkdv", "dK, dV per key block", "triton",
