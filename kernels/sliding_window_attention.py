@@ -31,6 +31,11 @@ precomputed.  Document starts are found by scanning doc_ids backwards from m0 in
 vector chunks, never further than the window (the scan costs a few loads of doc_ids).
 The backward uses the same two functions: dQ walks the key blocks of its query block
 exactly like the forward; dK/dV walks the query blocks that can see its key block.
+So does the launch order: before each kernel, `_block_work` counts every block's work
+with them and a device argsort launches the longest blocks first (see below).
+
+Tiles of q, k, v and dO arrive through TMA descriptors of their [B, T, H * D] views
+(host-side TensorDescriptor, in triton 3.6-3.8 and in the interpreter alike).
 
 The forward keeps the online softmax in fp32 and saves the log-sum-exp (in base-2 units
 of scale * log2(e) * q.k) for the backward, which recomputes the probabilities.
@@ -686,7 +691,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Args:
         q, k, v: [B, T, H, D] bfloat16 or float16, one dtype, shape and device;
             D in (64, 128); unit stride along D (slices of a fused QKV tensor are fine:
-            the Triton kernels read them in place, without copies).
+            the Triton kernels read them in place, without copies; layouts whose heads
+            are not packed along a row are copied once).
         window: None (unlimited) or an int >= 1: query i attends key j only if i - j < window
             (window=1: each query sees only itself); with block_size, only if
             i // block_size - j // block_size < window // block_size.
