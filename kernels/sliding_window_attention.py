@@ -5,7 +5,8 @@ Public op (contract below and in DESIGN.md §2.5; the spec is
 
 Backends:
   triton     the block-sparse flash-attention kernels in this file (forward, and a
-             backward of three kernels: delta = rowsum(dO * O), dK/dV, dQ).  On CUDA
+             backward of two kernels: dQ, which also writes delta = rowsum(dO * O),
+             then dK/dV).  On CUDA
              tensors `auto` picks it; on CPU tensors it runs in Triton's interpreter
              when TRITON_INTERPRET=1 and the backend is set to "triton" explicitly.
   reference  plain PyTorch, dense O(T^2) memory: CPU tensors under `auto`.
@@ -310,26 +311,6 @@ def _sliding_window_attn_fwd(
 # ---- backward --------------------------------------------------------------------------
 
 @triton.jit
-def _sliding_window_attn_bwd_delta(
-    o_ptr, do_ptr, delta_ptr, T,
-    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta[b, h, i] = sum_d out[b, i, h, d] * dout[b, i, h, d] in fp32."""
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    in_range = q_pos[:, None] < T
-    o = tl.load(o_ptr + batch * stride_ob + head * stride_oh + q_pos[:, None].to(tl.int64) * stride_ot
-                + dims[None, :], mask=in_range, other=0.0)
-    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + q_pos[:, None].to(tl.int64) * stride_dot
-                 + dims[None, :], mask=in_range, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(delta_ptr + (batch * tl.num_programs(1) + head) * T + q_pos, delta, mask=q_pos < T)
-
-
-@triton.jit
 def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                  doc_row, T, window, scale_log2, block_start, block_end,
                  MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -432,12 +413,16 @@ def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_bwd_dq(
-    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, order_ptr, dq_ptr,
+    q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, doc_ptr, order_ptr, dq_ptr,
     T, window, scale, scale_log2, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
-    """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics."""
+    """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics.
+
+    It also writes delta = rowsum(dO * O) of its rows, which dK/dV (launched after it)
+    reads: the dO tile is loaded here anyway, so a separate delta pass would read dO twice.
+    """
     head = tl.program_id(0)
     batch = tl.program_id(2)
     m0 = _launch_block(order_ptr, batch) * BLOCK_M
@@ -447,10 +432,12 @@ def _sliding_window_attn_bwd_dq(
     dims = tl.arange(0, HEAD_DIM)
     q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
     do = _tile(do_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    o = _tile(o_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
     lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
-    delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # rows past T: 0 (TMA zero fill)
+    tl.store(delta_row + q_pos, delta, mask=q_pos < T)
     doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
     q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
@@ -486,14 +473,13 @@ CONFIGS = {
           "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
           "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
 }
-DELTA_BLOCK_M = 64
 LOG2_E = 1.4426950408889634
 
 
 def _descriptor(t, rows):
     """TMA descriptor of a [B, T, H, D] tensor read in [1, rows, D] tiles of its [B, T, H * D] view.
 
-    That view needs the heads packed along each row (stride_h == D; true of contiguous
+    That view needs unit stride along D and the heads packed along each row (stride_h == D; true of contiguous
     tensors and of the model's fused-QKV chunks); TMA also wants a 16-byte aligned base and
     16-byte multiple strides.  A tensor without them (an odd storage offset, an expanded
     gradient) is copied once.  A size-1 dimension is never stepped along, so its stride
@@ -506,7 +492,7 @@ def _descriptor(t, rows):
         return [t.stride(0) if batch > 1 else length * token, token]
 
     size = t.element_size()
-    if (t.data_ptr() % 16 or (heads > 1 and t.stride(2) != head_dim)
+    if (t.data_ptr() % 16 or t.stride(3) != 1 or (heads > 1 and t.stride(2) != head_dim)
             or any(stride <= 0 or stride * size % 16 for stride in strides(t))):
         t = t.clone(memory_format=torch.contiguous_format)
     return TensorDescriptor(t, [batch, length, heads * head_dim], [*strides(t), 1], [1, rows, head_dim])
@@ -566,25 +552,20 @@ def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None, 
     configs = config or CONFIGS[head_dim]
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
     kernel_window = _kernel_window(window, length, block_size)
-    if grad_out.stride(3) != 1:
-        grad_out = grad_out.contiguous()
-    delta = _new_output((batch, heads, length), torch.float32, q.device)
-    _sliding_window_attn_bwd_delta[(triton.cdiv(length, DELTA_BLOCK_M), heads, batch)](
-        out, grad_out, delta, length, *out.stride()[:3], *grad_out.stride()[:3],
-        HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+    delta = _new_output((batch, heads, length), torch.float32, q.device)  # written by the dQ kernel
     dq, dk, dv = (_new_output((batch, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
     common = (length, kernel_window, scale, scale * LOG2_E, doc_stride)
+    cfg = configs["dq"]
+    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, True, q.device)
+    _sliding_window_attn_bwd_dq[(heads, order.shape[1], batch)](
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+        _descriptor(grad_out, cfg["BLOCK_M"]), _descriptor(out, cfg["BLOCK_M"]), lse, delta, docs, order, dq,
+        *common, HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     cfg = configs["dkdv"]
     order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, False, q.device)
     _sliding_window_attn_bwd_dkdv[(heads, order.shape[1], batch)](
         _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
         _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, order, dk, dv, *common,
-        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
-    cfg = configs["dq"]
-    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, True, q.device)
-    _sliding_window_attn_bwd_dq[(heads, order.shape[1], batch)](
-        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
-        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, order, dq, *common,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return dq, dk, dv
 

@@ -310,13 +310,8 @@ def sliding_window_attention() -> Op:
     backward = {"delta_ptr": "*fp32", **scales}
     dkdv = spec("dkdv", "_sliding_window_attn_bwd_dkdv", {**qkv_rows, "do_desc": "BLOCK_M"},
                 {"dk_ptr": "*bf16", "dv_ptr": "*bf16", **backward})
-    dq = spec("dq", "_sliding_window_attn_bwd_dq", {**qkv_rows, "do_desc": "BLOCK_M"},
+    dq = spec("dq", "_sliding_window_attn_bwd_dq", {**qkv_rows, "do_desc": "BLOCK_M", "o_desc": "BLOCK_M"},
               {"dq_ptr": "*bf16", **backward})
-    delta = {"module": "kernels.sliding_window_attention", "kernel": "_sliding_window_attn_bwd_delta",
-             "num_warps": 4, "args": {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "T": t,
-                                      **{f"stride_{n}{axis}": strides[axis] for n in ("o", "do") for axis in "bth"},
-                                      "HEAD_DIM": HEAD_DIM, "BLOCK_M": swa.DELTA_BLOCK_M}}
-
     fwd_blocks = swa.CONFIGS[HEAD_DIM]["fwd"]
     work = {"module": "kernels.sliding_window_attention", "kernel": "_block_work", "num_warps": 4,
             "args": {"doc_ptr": "*i32", "work_ptr": "*i32", "T": t, "window": WINDOW, "stride_docb": t,
@@ -334,12 +329,10 @@ def sliding_window_attention() -> Op:
         Kernel("triton _block_work", "key blocks per query block, for the longest-first launch order "
                "(once per forward, dQ and, per key block, dK/dV)", "triton",
                ctas=triton.cdiv(t, fwd_blocks["BLOCK_M"]), spec=work),
-        Kernel("triton _sliding_window_attn_bwd_delta", "delta = rowsum(dO * O)", "triton",
-               ctas=triton.cdiv(t, swa.DELTA_BLOCK_M) * HEADS, spec=delta),
+        Kernel("triton _sliding_window_attn_bwd_dq", "dQ per query block, and delta = rowsum(dO * O)", "triton",
+               ctas=grid("dq", "BLOCK_M"), spec=dq),
         Kernel("triton _sliding_window_attn_bwd_dkdv", "dK, dV per key block", "triton",
                ctas=grid("dkdv", "BLOCK_N"), spec=dkdv),
-        Kernel("triton _sliding_window_attn_bwd_dq", "dQ per query block", "triton",
-               ctas=grid("dq", "BLOCK_M"), spec=dq),
     ], notes=[f"{pairs / 1e6:.1f} M visible (query, key) pairs per head; FLOPs 14 D per pair and head "
               "(fwd+bwd, bench formula); compute-bound (~400 FLOP/B), so no memory floor is given"])
 
