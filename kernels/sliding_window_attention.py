@@ -518,10 +518,18 @@ def _doc_args(doc_ids: Optional[torch.Tensor], device):
     return doc_ids, doc_ids.stride(0), True
 
 
+# Launch blocks longest work first (see _block_work).  False: in position order, as v1
+# did; bench/bench_sliding_window_attention.py times both ("ours-triton-position-order"),
+# since the order costs a small kernel and a sort per launch that only a GPU can weigh.
+LONGEST_FIRST = True
+
+
 def _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, query_blocks, device):
     """[B, blocks] int32: per batch row, the query (query_blocks) or key blocks of a kernel
     with config cfg, most work first (ties in position order); see _block_work."""
     blocks = triton.cdiv(length, cfg["BLOCK_M"] if query_blocks else cfg["BLOCK_N"])
+    if not LONGEST_FIRST:
+        return torch.arange(blocks, dtype=torch.int32, device=device).repeat(batch, 1)
     work = _new_output((batch, blocks), torch.int32, device)
     _block_work[(blocks, batch)](docs, work, length, kernel_window, doc_stride, HAS_DOCS=has_docs,
                                  QUERY_BLOCKS=query_blocks, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

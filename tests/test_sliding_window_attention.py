@@ -318,6 +318,20 @@ def test_launch_order_is_longest_work_first(t, window, lengths, bm, bn, block_si
         assert ranked[0] > ranked[-1]  # the cases do have cheaper blocks (document or sequence starts)
 
 
+def test_launch_order_changes_no_result(monkeypatch, interpreter_device):
+    # Each program's arithmetic is the same whichever order the blocks launch in.
+    b, t, h, d = 2, 90, 2, 64
+    q, k, v = qkv(b, t, h, d, torch.float16, seed=11, device=interpreter_device)
+    upstream = torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(5)).half().to(interpreter_device)
+    kwargs = dict(window=30, doc_ids=documents(b, t, seed=4, device=interpreter_device), scale=0.12, config=SMALL)
+    docs, doc_stride, has_docs = swa._doc_args(kwargs["doc_ids"], interpreter_device)
+    order = swa._longest_first(docs, doc_stride, has_docs, b, t, 30, SMALL["fwd"], 1, True, interpreter_device)
+    assert not torch.equal(order.cpu(), torch.arange(order.shape[1], dtype=torch.int32).repeat(b, 1))
+    longest_first = run_triton(q, k, v, upstream, **kwargs)
+    monkeypatch.setattr(swa, "LONGEST_FIRST", False)
+    assert all(torch.equal(x, y) for x, y in zip(longest_first, run_triton(q, k, v, upstream, **kwargs)))
+
+
 # ---- block-granular windows against the 2025-01 record's own BlockMask ---------------------
 
 def published_record_block_masks(docs, window_blocks):
