@@ -6,9 +6,9 @@ Public op (contract below and in DESIGN.md §2.5; the spec is
 Backends:
   triton     the block-sparse flash-attention kernels in this file (forward, and a
              backward of two kernels: dQ, which also writes delta = rowsum(dO * O),
-             then dK/dV).  On CUDA
-             tensors `auto` picks it; on CPU tensors it runs in Triton's interpreter
-             when TRITON_INTERPRET=1 and the backend is set to "triton" explicitly.
+             then dK/dV).  On CUDA tensors `auto` picks it; on CPU tensors it runs in
+             Triton's interpreter when TRITON_INTERPRET=1 and the backend is set to
+             "triton" explicitly.
   reference  plain PyTorch, dense O(T^2) memory: CPU tensors under `auto`.
 
 The window.  Exact (block_size None): query i sees keys j > i - window.  Block-granular
@@ -272,7 +272,8 @@ def _sliding_window_attn_fwd(
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
-    """One program per (query block, head, batch): out rows [m0, m0 + BLOCK_M) and their lse."""
+    """One program per (head, query block taken from `order`, batch): out rows [m0, m0 + BLOCK_M)
+    and their lse."""
     head = tl.program_id(0)
     batch = tl.program_id(2)
     m0 = _launch_block(order_ptr, batch) * BLOCK_M
@@ -347,7 +348,7 @@ def _sliding_window_attn_bwd_dkdv(
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
-    """One program per (key block, head, batch): dK, dV of keys [n0, n0 + BLOCK_N).
+    """One program per (head, key block taken from `order`, batch): dK, dV of keys [n0, n0 + BLOCK_N).
 
     dk, dv are contiguous [B, T, H, D]; each program owns its rows, so no atomics.
     """
@@ -418,7 +419,8 @@ def _sliding_window_attn_bwd_dq(
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
-    """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics.
+    """One program per (head, query block taken from `order`, batch): dQ of rows [m0, m0 + BLOCK_M);
+    no atomics.
 
     It also writes delta = rowsum(dO * O) of its rows, which dK/dV (launched after it)
     reads: the dO tile is loaded here anyway, so a separate delta pass would read dO twice.
@@ -457,6 +459,7 @@ def _sliding_window_attn_bwd_dq(
                                                                                  + dims[None, :])
     tl.store(dq_ptr + out_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=in_range)
 
+
 # ---- launchers -------------------------------------------------------------------------
 
 # Block sizes and warps per kernel and head dim: 128-row wgmma tiles over two warpgroups
@@ -479,11 +482,11 @@ LOG2_E = 1.4426950408889634
 def _descriptor(t, rows):
     """TMA descriptor of a [B, T, H, D] tensor read in [1, rows, D] tiles of its [B, T, H * D] view.
 
-    That view needs unit stride along D and the heads packed along each row (stride_h == D; true of contiguous
-    tensors and of the model's fused-QKV chunks); TMA also wants a 16-byte aligned base and
-    16-byte multiple strides.  A tensor without them (an odd storage offset, an expanded
-    gradient) is copied once.  A size-1 dimension is never stepped along, so its stride
-    (which torch leaves arbitrary) is replaced by a valid one.
+    That view needs unit stride along D and the heads packed along each row (stride_h == D:
+    true of contiguous tensors and of the model's fused-QKV chunks); TMA also wants a
+    16-byte aligned base and 16-byte multiple strides.  A tensor without them (an odd
+    storage offset, an expanded gradient) is copied once.  A size-1 dimension is never
+    stepped along, so its stride (which torch leaves arbitrary) is replaced by a valid one.
     """
     batch, length, heads, head_dim = t.shape
 
@@ -522,12 +525,15 @@ def _doc_args(doc_ids: Optional[torch.Tensor], device):
 # did; bench/bench_sliding_window_attention.py times both ("ours-triton-position-order"),
 # since the order costs a small kernel and a sort per launch that only a GPU can weigh.
 LONGEST_FIRST = True
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: T up to 65535 * 64 = 4,194,240 tokens
 
 
 def _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, query_blocks, device):
     """[B, blocks] int32: per batch row, the query (query_blocks) or key blocks of a kernel
     with config cfg, most work first (ties in position order); see _block_work."""
     blocks = triton.cdiv(length, cfg["BLOCK_M"] if query_blocks else cfg["BLOCK_N"])
+    if blocks > MAX_GRID_Y:  # the blocks are the grid's y axis (heads vary fastest, on x)
+        raise ValueError(f"T = {length} is too long: {blocks} blocks of a launch exceed the grid's {MAX_GRID_Y}")
     if not LONGEST_FIRST:
         return torch.arange(blocks, dtype=torch.int32, device=device).repeat(batch, 1)
     work = _new_output((batch, blocks), torch.int32, device)

@@ -318,6 +318,13 @@ def test_launch_order_is_longest_work_first(t, window, lengths, bm, bn, block_si
         assert ranked[0] > ranked[-1]  # the cases do have cheaper blocks (document or sequence starts)
 
 
+def test_a_launch_over_the_grid_limit_raises_before_launching():
+    docs, doc_stride, has_docs = swa._doc_args(None, "cpu")
+    cfg = dict(BLOCK_M=1, BLOCK_N=1)
+    with pytest.raises(ValueError, match="T = 65536 is too long: 65536 blocks"):
+        swa._longest_first(docs, doc_stride, has_docs, 1, 65536, 0, cfg, 1, True, "cpu")
+
+
 def test_launch_order_changes_no_result(monkeypatch, interpreter_device):
     # Each program's arithmetic is the same whichever order the blocks launch in.
     b, t, h, d = 2, 90, 2, 64
