@@ -5,9 +5,10 @@ Public op (contract below and in DESIGN.md §2.5; the spec is
 
 Backends:
   triton     the block-sparse flash-attention kernels in this file (forward, and a
-             backward of three kernels: delta = rowsum(dO * O), dK/dV, dQ).  On CUDA
-             tensors `auto` picks it; on CPU tensors it runs in Triton's interpreter
-             when TRITON_INTERPRET=1 and the backend is set to "triton" explicitly.
+             backward of two kernels: dQ, which also writes delta = rowsum(dO * O),
+             then dK/dV).  On CUDA tensors `auto` picks it; on CPU tensors it runs in
+             Triton's interpreter when TRITON_INTERPRET=1 and the backend is set to
+             "triton" explicitly.
   reference  plain PyTorch, dense O(T^2) memory: CPU tensors under `auto`.
 
 The window.  Exact (block_size None): query i sees keys j > i - window.  Block-granular
@@ -31,6 +32,11 @@ precomputed.  Document starts are found by scanning doc_ids backwards from m0 in
 vector chunks, never further than the window (the scan costs a few loads of doc_ids).
 The backward uses the same two functions: dQ walks the key blocks of its query block
 exactly like the forward; dK/dV walks the query blocks that can see its key block.
+So does the launch order: before each kernel, `_block_work` counts every block's work
+with them and a device argsort launches the longest blocks first (see below).
+
+Tiles of q, k, v and dO arrive through TMA descriptors of their [B, T, H * D] views
+(host-side TensorDescriptor, in triton 3.6-3.8 and in the interpreter alike).
 
 The forward keeps the online softmax in fp32 and saves the log-sum-exp (in base-2 units
 of scale * log2(e) * q.k) for the backward, which recomputes the probabilities.
@@ -48,6 +54,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _backend, _checks, reference
 
@@ -176,29 +183,73 @@ def _doc_ids_of(doc_row, pos, T, HAS_DOCS: tl.constexpr):
         return pos
 
 
+# ---- longest work first ------------------------------------------------------------------
+# The GPU hands out a grid's CTAs in launch order, so launching the blocks with the most key
+# (query) blocks to visit first is longest-processing-time-first list scheduling: the last
+# wave is made of short blocks and the tail of idle SMs shrinks.  Work varies with the
+# data: a query block near its document's start (or the sequence start) sees few keys.  So
+# each launch reads its block index from `order`, a permutation computed on the device
+# (no host sync, capturable in a CUDA graph) from _block_work and a stable descending sort.
+# The grid is (heads, blocks, batch): heads vary fastest, so the launch order is longest
+# first across all heads, not per head.
+
+@triton.jit(do_not_specialize=["window"])
+def _block_work(doc_ptr, work_ptr, T, window, stride_docb, HAS_DOCS: tl.constexpr, QUERY_BLOCKS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr):
+    """work[b, p] = key blocks that query block p visits (QUERY_BLOCKS; the forward and dQ),
+    else query blocks that key block p visits (dK/dV): the same ranges the kernels walk."""
+    batch = tl.program_id(1)
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
+    if QUERY_BLOCKS:
+        m0 = tl.program_id(0) * BLOCK_M
+        q_docs = _doc_ids_of(doc_row, m0 + tl.arange(0, BLOCK_M), T, HAS_DOCS)
+        first, _, _, end = _key_blocks(doc_row, q_docs, m0, tl.minimum(m0 + BLOCK_M, T) - 1, window, HAS_DOCS,
+                                       BLOCK_N, SCAN, WINDOW_BLOCK)
+    else:
+        n0 = tl.program_id(0) * BLOCK_N
+        k_docs = _doc_ids_of(doc_row, n0 + tl.arange(0, BLOCK_N), T, HAS_DOCS)
+        first, _, _, end = _query_blocks(doc_row, k_docs, n0, tl.minimum(n0 + BLOCK_N, T) - 1, T, window, HAS_DOCS,
+                                         BLOCK_M, SCAN, WINDOW_BLOCK)
+    tl.store(work_ptr + batch * tl.num_programs(0) + tl.program_id(0), end - first)
+
+
+@triton.jit
+def _launch_block(order_ptr, batch):
+    """The block this program computes: entry program_id(1) of its batch row's order."""
+    return tl.load(order_ptr + batch.to(tl.int64) * tl.num_programs(1) + tl.program_id(1))
+
+
+# ---- tiles through TMA -------------------------------------------------------------------
+# q, k, v, dO are read through host-side TMA descriptors of their [B, T, H * D] views (the
+# launchers' _descriptor), in [1, ROWS, D] tiles: the copy engine computes every address (no
+# per-thread pointers held in registers across the pipeline's stages, which is what made
+# the pointer kernels spill) and fills rows past T with zeros, so no load needs a mask.
+# (A [B, T, H, D] descriptor with [1, ROWS, 1, D] tiles would take any head stride, but
+# its unit middle dimension makes Triton route every tile through registers: +30 to 75
+# registers per kernel in the sm_90 build.)
+
+@triton.jit
+def _tile(desc, batch, row0, head, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows [row0, row0 + ROWS) of one (batch, head), from a [B, T, H * D] descriptor (zeros past T)."""
+    return tl.reshape(desc.load([batch, row0, head * HEAD_DIM]), [ROWS, HEAD_DIM])
+
+
 # ---- forward ---------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                 T, window, scale_log2, block_start, block_end,
                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 WINDOW_BLOCK: tl.constexpr):
     """Online softmax over key blocks [block_start, block_end); MASKED evaluates the exact mask."""
-    dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_N)
     for block in range(block_start, block_end):
         n0 = block * BLOCK_N
-        k_ptrs = k_head + n0.to(tl.int64) * stride_kt + offs[:, None] * stride_kt + dims[None, :]
-        v_ptrs = v_head + n0.to(tl.int64) * stride_vt + offs[:, None] * stride_vt + dims[None, :]
-        k_pos = n0 + offs
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _tile(k_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+        v = _tile(v_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k))
         if MASKED:
+            k_pos = n0 + offs
             k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
             s = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
                                   HAS_DOCS, WINDOW_BLOCK), s, float("-inf"))
@@ -215,96 +266,67 @@ def _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stri
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_fwd(
-    q_ptr, k_ptr, v_ptr, doc_ptr, o_ptr, lse_ptr,
+    q_desc, k_desc, v_desc, doc_ptr, order_ptr, o_ptr, lse_ptr,
     T, window, scale_log2,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_docb,
+    stride_ob, stride_ot, stride_oh, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
-    """One program per (query block, head, batch): out rows [m0, m0 + BLOCK_M) and their lse."""
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    m0 = tl.program_id(0) * BLOCK_M
+    """One program per (head, query block taken from `order`, batch): out rows [m0, m0 + BLOCK_M)
+    and their lse."""
+    head = tl.program_id(0)
+    batch = tl.program_id(2)
+    m0 = _launch_block(order_ptr, batch) * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     rows = tl.arange(0, BLOCK_M)
     q_pos = m0 + rows
     dims = tl.arange(0, HEAD_DIM)
-    q_ptrs = (q_ptr + batch * stride_qb + head * stride_qh + m0.to(tl.int64) * stride_qt
-              + rows[:, None] * stride_qt + dims[None, :])
-    q = tl.load(q_ptrs, mask=q_pos[:, None] < T, other=0.0)
-    doc_row = doc_ptr + batch * stride_docb
+    q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
     q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
                                                    WINDOW_BLOCK)
 
-    k_head = k_ptr + batch * stride_kb + head * stride_kh
-    v_head = v_ptr + batch * stride_vb + head * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                                 T, window, scale_log2, first, full_first,
                                 True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                                 T, window, scale_log2, full_first, full_end,
                                 False, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                                 T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
 
     in_range = q_pos < T
     l_i = tl.where(in_range, l_i, 1.0)  # rows past T saw nothing; they are not stored
     out = acc / l_i[:, None]
-    o_ptrs = (o_ptr + batch * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_ot
+    o_ptrs = (o_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_ot
               + rows[:, None] * stride_ot + dims[None, :])
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=in_range[:, None])
-    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     tl.store(lse_row + q_pos, m_i + tl.log2(l_i), mask=in_range)
 
 
 # ---- backward --------------------------------------------------------------------------
 
 @triton.jit
-def _sliding_window_attn_bwd_delta(
-    o_ptr, do_ptr, delta_ptr, T,
-    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta[b, h, i] = sum_d out[b, i, h, d] * dout[b, i, h, d] in fp32."""
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    in_range = q_pos[:, None] < T
-    o = tl.load(o_ptr + batch * stride_ob + head * stride_oh + q_pos[:, None].to(tl.int64) * stride_ot
-                + dims[None, :], mask=in_range, other=0.0)
-    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + q_pos[:, None].to(tl.int64) * stride_dot
-                 + dims[None, :], mask=in_range, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(delta_ptr + (batch * tl.num_programs(1) + head) * T + q_pos, delta, mask=q_pos < T)
-
-
-@triton.jit
-def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                  doc_row, T, window, scale_log2, block_start, block_end,
                  MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  WINDOW_BLOCK: tl.constexpr):
     """Accumulate dK, dV (transposed layout: key rows) over query blocks [block_start, block_end)."""
-    dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_M)
     for block in range(block_start, block_end):
         m0 = block * BLOCK_M
         q_pos = m0 + offs
-        q_ptrs = q_head + m0.to(tl.int64) * stride_qt + offs[:, None] * stride_qt + dims[None, :]
-        do_ptrs = do_head + m0.to(tl.int64) * stride_dot + offs[:, None] * stride_dot + dims[None, :]
-        if MASKED:  # rows past T: q = do = 0, lse = +inf -> p = 0, ds = 0
-            q = tl.load(q_ptrs, mask=q_pos[:, None] < T, other=0.0)
-            do = tl.load(do_ptrs, mask=q_pos[:, None] < T, other=0.0)
+        q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)  # rows past T: q = do = 0
+        do = _tile(do_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+        if MASKED:  # rows past T: lse = +inf -> p = 0, ds = 0
             lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
             delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_row + q_pos)
             delta = tl.load(delta_row + q_pos)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :])  # [BLOCK_N, BLOCK_M]
@@ -321,79 +343,66 @@ def _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, dk_ptr, dv_ptr,
-    T, window, scale, scale_log2,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, doc_ptr, order_ptr, dk_ptr, dv_ptr,
+    T, window, scale, scale_log2, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
-    """One program per (key block, head, batch): dK, dV of keys [n0, n0 + BLOCK_N).
+    """One program per (head, key block taken from `order`, batch): dK, dV of keys [n0, n0 + BLOCK_N).
 
     dk, dv are contiguous [B, T, H, D]; each program owns its rows, so no atomics.
     """
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    n0 = tl.program_id(0) * BLOCK_N
+    head = tl.program_id(0)
+    batch = tl.program_id(2)
+    n0 = _launch_block(order_ptr, batch) * BLOCK_N
     n_last = tl.minimum(n0 + BLOCK_N, T) - 1
     offs = tl.arange(0, BLOCK_N)
     k_pos = n0 + offs
     dims = tl.arange(0, HEAD_DIM)
-    in_range = k_pos[:, None] < T
-    k = tl.load(k_ptr + batch * stride_kb + head * stride_kh + n0.to(tl.int64) * stride_kt
-                + offs[:, None] * stride_kt + dims[None, :], mask=in_range, other=0.0)
-    v = tl.load(v_ptr + batch * stride_vb + head * stride_vh + n0.to(tl.int64) * stride_vt
-                + offs[:, None] * stride_vt + dims[None, :], mask=in_range, other=0.0)
-    doc_row = doc_ptr + batch * stride_docb
+    k = _tile(k_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+    v = _tile(v_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
     k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _query_blocks(doc_row, k_docs, n0, n_last, T, window, HAS_DOCS,
                                                      BLOCK_M, SCAN, WINDOW_BLOCK)
 
-    q_head = q_ptr + batch * stride_qb + head * stride_qh
-    do_head = do_ptr + batch * stride_dob + head * stride_doh
-    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
-    delta_row = delta_ptr + (batch * tl.num_programs(1) + head) * T
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
+    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                           doc_row, T, window, scale_log2, first, full_first,
                           True, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                           doc_row, T, window, scale_log2, full_first, full_end,
                           False, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_head, do_head, stride_qt, stride_dot, lse_row, delta_row,
+    dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, k_docs, q_desc, do_desc, batch, head, lse_row, delta_row,
                           doc_row, T, window, scale_log2, full_end, end,
                           True, HAS_DOCS, HEAD_DIM, BLOCK_M, WINDOW_BLOCK)
 
     # dk, dv are contiguous [B, T, H, D] with q's B, T, H.
-    n_heads = tl.num_programs(1)
-    out_offsets = ((batch * T + n0) * n_heads + head) * HEAD_DIM + (offs[:, None] * n_heads * HEAD_DIM
-                                                                    + dims[None, :])
+    n_heads = tl.num_programs(0)
+    in_range = k_pos[:, None] < T
+    out_offsets = ((batch.to(tl.int64) * T + n0) * n_heads + head) * HEAD_DIM + (offs[:, None] * n_heads * HEAD_DIM
+                                                                                 + dims[None, :])
     tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=in_range)
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                T, window, scale_log2, block_start, block_end,
                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                WINDOW_BLOCK: tl.constexpr):
     """Accumulate dQ over key blocks [block_start, block_end)."""
-    dims = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, BLOCK_N)
     for block in range(block_start, block_end):
         n0 = block * BLOCK_N
-        k_pos = n0 + offs
-        k_ptrs = k_head + n0.to(tl.int64) * stride_kt + offs[:, None] * stride_kt + dims[None, :]
-        v_ptrs = v_head + n0.to(tl.int64) * stride_vt + offs[:, None] * stride_vt + dims[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _tile(k_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
+        v = _tile(v_desc, batch, n0, head, BLOCK_N, HEAD_DIM)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
         if MASKED:
+            k_pos = n0 + offs
             k_docs = _doc_ids_of(doc_row, k_pos, T, HAS_DOCS)
             p = tl.where(_visible(q_pos[:, None], k_pos[None, :], q_docs[:, None], k_docs[None, :], window,
                                   HAS_DOCS, WINDOW_BLOCK), p, 0.0)
@@ -405,68 +414,91 @@ def _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, 
 
 @triton.jit(do_not_specialize=["window"])
 def _sliding_window_attn_bwd_dq(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, dq_ptr,
-    T, window, scale, scale_log2,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_docb,
+    q_desc, k_desc, v_desc, do_desc, o_desc, lse_ptr, delta_ptr, doc_ptr, order_ptr, dq_ptr,
+    T, window, scale, scale_log2, stride_docb,
     HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
 ):
-    """One program per (query block, head, batch): dQ of rows [m0, m0 + BLOCK_M); no atomics."""
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    m0 = tl.program_id(0) * BLOCK_M
+    """One program per (head, query block taken from `order`, batch): dQ of rows [m0, m0 + BLOCK_M);
+    no atomics.
+
+    It also writes delta = rowsum(dO * O) of its rows, which dK/dV (launched after it)
+    reads: the dO tile is loaded here anyway, so a separate delta pass would read dO twice.
+    """
+    head = tl.program_id(0)
+    batch = tl.program_id(2)
+    m0 = _launch_block(order_ptr, batch) * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     rows = tl.arange(0, BLOCK_M)
     q_pos = m0 + rows
     dims = tl.arange(0, HEAD_DIM)
-    in_range = q_pos[:, None] < T
-    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + m0.to(tl.int64) * stride_qt
-                + rows[:, None] * stride_qt + dims[None, :], mask=in_range, other=0.0)
-    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + m0.to(tl.int64) * stride_dot
-                 + rows[:, None] * stride_dot + dims[None, :], mask=in_range, other=0.0)
-    lse_row = lse_ptr + (batch * tl.num_programs(1) + head) * T
-    delta_row = delta_ptr + (batch * tl.num_programs(1) + head) * T
+    q = _tile(q_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    do = _tile(do_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    o = _tile(o_desc, batch, m0, head, BLOCK_M, HEAD_DIM)
+    lse_row = lse_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
+    delta_row = delta_ptr + (batch.to(tl.int64) * tl.num_programs(0) + head) * T
     lse = tl.load(lse_row + q_pos, mask=q_pos < T, other=float("inf"))
-    delta = tl.load(delta_row + q_pos, mask=q_pos < T, other=0.0)
-    doc_row = doc_ptr + batch * stride_docb
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # rows past T: 0 (TMA zero fill)
+    tl.store(delta_row + q_pos, delta, mask=q_pos < T)
+    doc_row = doc_ptr + batch.to(tl.int64) * stride_docb
     q_docs = _doc_ids_of(doc_row, q_pos, T, HAS_DOCS)
     first, full_first, full_end, end = _key_blocks(doc_row, q_docs, m0, m_last, window, HAS_DOCS, BLOCK_N, SCAN,
                                                    WINDOW_BLOCK)
 
-    k_head = k_ptr + batch * stride_kb + head * stride_kh
-    v_head = v_ptr + batch * stride_vb + head * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                     T, window, scale_log2, first, full_first, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                     T, window, scale_log2, full_first, full_end, False, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
-    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_head, v_head, stride_kt, stride_vt, doc_row,
+    dq = _dq_blocks(dq, q, do, lse, delta, q_pos, q_docs, k_desc, v_desc, batch, head, doc_row,
                     T, window, scale_log2, full_end, end, True, HAS_DOCS, HEAD_DIM, BLOCK_N, WINDOW_BLOCK)
 
-    n_heads = tl.num_programs(1)
-    out_offsets = ((batch * T + m0) * n_heads + head) * HEAD_DIM + (rows[:, None] * n_heads * HEAD_DIM
-                                                                    + dims[None, :])
+    n_heads = tl.num_programs(0)
+    in_range = q_pos[:, None] < T
+    out_offsets = ((batch.to(tl.int64) * T + m0) * n_heads + head) * HEAD_DIM + (rows[:, None] * n_heads * HEAD_DIM
+                                                                                 + dims[None, :])
     tl.store(dq_ptr + out_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=in_range)
 
 
 # ---- launchers -------------------------------------------------------------------------
 
-# Block sizes and warps per kernel and head dim: 128-row wgmma tiles over two warpgroups,
+# Block sizes and warps per kernel and head dim: 128-row wgmma tiles over two warpgroups
+# (forward 128 x 128 with K/V double-buffered: 3 stages would take all 227 KB of shared
+# memory; dK/dV 64 keys x 64 queries, the widest tiles whose accumulators, K and V fit),
 # chosen so that the sm_90 builds of all three kernels fit in 255 registers without
-# spilling (checked ahead of time with cuobjdump -res-usage; at D = 128, BLOCK_N = 128 in
-# the forward spilled).  NOT timed on a GPU yet: see bench/NOTES.md.  Tests pass smaller
-# blocks to exercise many blocks at small T.
+# spilling (bench/results/static/sliding_window_attention.md; bench/NOTES.md lists what
+# spilled).  NOT timed on a GPU yet.  Tests pass smaller blocks to exercise many blocks.
 CONFIGS = {
-    64: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-         "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    64: {"fwd": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+         "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
          "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
-    128: {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-          "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    128: {"fwd": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+          "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
           "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
 }
-DELTA_BLOCK_M = 64
 LOG2_E = 1.4426950408889634
+
+
+def _descriptor(t, rows):
+    """TMA descriptor of a [B, T, H, D] tensor read in [1, rows, D] tiles of its [B, T, H * D] view.
+
+    That view needs unit stride along D and the heads packed along each row (stride_h == D:
+    true of contiguous tensors and of the model's fused-QKV chunks); TMA also wants a
+    16-byte aligned base and 16-byte multiple strides.  A tensor without them (an odd
+    storage offset, an expanded gradient) is copied once.  A size-1 dimension is never
+    stepped along, so its stride (which torch leaves arbitrary) is replaced by a valid one.
+    """
+    batch, length, heads, head_dim = t.shape
+
+    def strides(t):
+        token = t.stride(1) if length > 1 else heads * head_dim
+        return [t.stride(0) if batch > 1 else length * token, token]
+
+    size = t.element_size()
+    if (t.data_ptr() % 16 or t.stride(3) != 1 or (heads > 1 and t.stride(2) != head_dim)
+            or any(stride <= 0 or stride * size % 16 for stride in strides(t))):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return TensorDescriptor(t, [batch, length, heads * head_dim], [*strides(t), 1], [1, rows, head_dim])
 
 
 def _new_output(shape, dtype, device):
@@ -489,6 +521,28 @@ def _doc_args(doc_ids: Optional[torch.Tensor], device):
     return doc_ids, doc_ids.stride(0), True
 
 
+# Launch blocks longest work first (see _block_work).  False: in position order, as v1
+# did; bench/bench_sliding_window_attention.py times both ("ours-triton-position-order"),
+# since the order costs a small kernel and a sort per launch that only a GPU can weigh.
+LONGEST_FIRST = True
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: T up to 65535 * 64 = 4,194,240 tokens
+
+
+def _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, query_blocks, device):
+    """[B, blocks] int32: per batch row, the query (query_blocks) or key blocks of a kernel
+    with config cfg, most work first (ties in position order); see _block_work."""
+    blocks = triton.cdiv(length, cfg["BLOCK_M"] if query_blocks else cfg["BLOCK_N"])
+    if blocks > MAX_GRID_Y:  # the blocks are the grid's y axis (heads vary fastest, on x)
+        raise ValueError(f"T = {length} is too long: {blocks} blocks of a launch exceed the grid's {MAX_GRID_Y}")
+    if not LONGEST_FIRST:
+        return torch.arange(blocks, dtype=torch.int32, device=device).repeat(batch, 1)
+    work = _new_output((batch, blocks), torch.int32, device)
+    _block_work[(blocks, batch)](docs, work, length, kernel_window, doc_stride, HAS_DOCS=has_docs,
+                                 QUERY_BLOCKS=query_blocks, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                 SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, num_warps=4)
+    return torch.argsort(work, dim=1, descending=True, stable=True).to(torch.int32)
+
+
 def _forward(q, k, v, doc_ids, window, scale, config=None, block_size=1):
     """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 in base-2 units of scale*log2(e)*q.k)."""
     batch, length, heads, head_dim = q.shape
@@ -496,10 +550,12 @@ def _forward(q, k, v, doc_ids, window, scale, config=None, block_size=1):
     out = _new_output((batch, length, heads, head_dim), q.dtype, q.device)
     lse = _new_output((batch, heads, length), torch.float32, q.device)
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
-    grid = (triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)
-    _sliding_window_attn_fwd[grid](
-        q, k, v, docs, out, lse, length, _kernel_window(window, length, block_size), scale * LOG2_E,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], doc_stride,
+    kernel_window = _kernel_window(window, length, block_size)
+    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, True, q.device)
+    _sliding_window_attn_fwd[(heads, order.shape[1], batch)](
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+        docs, order, out, lse, length, kernel_window, scale * LOG2_E,
+        *out.stride()[:3], doc_stride,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return out, lse
 
@@ -510,22 +566,20 @@ def _backward(grad_out, q, k, v, out, lse, doc_ids, window, scale, config=None, 
     configs = config or CONFIGS[head_dim]
     docs, doc_stride, has_docs = _doc_args(doc_ids, q.device)
     kernel_window = _kernel_window(window, length, block_size)
-    if grad_out.stride(3) != 1:
-        grad_out = grad_out.contiguous()
-    delta = _new_output((batch, heads, length), torch.float32, q.device)
-    _sliding_window_attn_bwd_delta[(triton.cdiv(length, DELTA_BLOCK_M), heads, batch)](
-        out, grad_out, delta, length, *out.stride()[:3], *grad_out.stride()[:3],
-        HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+    delta = _new_output((batch, heads, length), torch.float32, q.device)  # written by the dQ kernel
     dq, dk, dv = (_new_output((batch, length, heads, head_dim), q.dtype, q.device) for _ in range(3))
-    common = (length, kernel_window, scale, scale * LOG2_E,
-              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], doc_stride)
-    cfg = configs["dkdv"]
-    _sliding_window_attn_bwd_dkdv[(triton.cdiv(length, cfg["BLOCK_N"]), heads, batch)](
-        q, k, v, grad_out, lse, delta, docs, dk, dv, *common,
-        HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
+    common = (length, kernel_window, scale, scale * LOG2_E, doc_stride)
     cfg = configs["dq"]
-    _sliding_window_attn_bwd_dq[(triton.cdiv(length, cfg["BLOCK_M"]), heads, batch)](
-        q, k, v, grad_out, lse, delta, docs, dq, *common,
+    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, True, q.device)
+    _sliding_window_attn_bwd_dq[(heads, order.shape[1], batch)](
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+        _descriptor(grad_out, cfg["BLOCK_M"]), _descriptor(out, cfg["BLOCK_M"]), lse, delta, docs, order, dq,
+        *common, HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
+    cfg = configs["dkdv"]
+    order = _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg, block_size, False, q.device)
+    _sliding_window_attn_bwd_dkdv[(heads, order.shape[1], batch)](
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
+        _descriptor(grad_out, cfg["BLOCK_M"]), lse, delta, docs, order, dk, dv, *common,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, SCAN=SCAN_CHUNK, WINDOW_BLOCK=block_size, **cfg)
     return dq, dk, dv
 
@@ -632,7 +686,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Args:
         q, k, v: [B, T, H, D] bfloat16 or float16, one dtype, shape and device;
             D in (64, 128); unit stride along D (slices of a fused QKV tensor are fine:
-            the Triton kernels read them in place, without copies).
+            the Triton kernels read them in place, without copies; layouts whose heads
+            are not packed along a row are copied once).
         window: None (unlimited) or an int >= 1: query i attends key j only if i - j < window
             (window=1: each query sees only itself); with block_size, only if
             i // block_size - j // block_size < window // block_size.

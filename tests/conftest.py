@@ -48,6 +48,8 @@ COMPAT_TESTS = {
                                 "test_every_kernel_compiles_for_sm90_with_wgmma"],
     "tests/test_sliding_window_attention.py": ["test_triton_matches_reference",
                                                "test_every_output_element_is_written",
+                                               "test_tensors_that_tma_cannot_read_in_place_are_copied",
+                                               "test_launch_order_is_longest_work_first",
                                                "test_triton_kernels_compile_for_sm90_with_wgmma"],
     # Not the sm_90a/spill listing: triton 3.6's bundled cuobjdump names the cubins sm_90
     # (no "a"); the main job reads them with triton 3.8's tool.

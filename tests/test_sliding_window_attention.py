@@ -13,7 +13,6 @@ does not cancel.  bf16 on a GPU: 2**-8 per element -> 2e-2.
 """
 import importlib
 import os
-import re
 import subprocess
 import sys
 
@@ -149,8 +148,8 @@ def test_document_scan_over_many_chunks(monkeypatch, interpreter_device):
 
 def test_every_output_element_is_written(monkeypatch, interpreter_device):
     # Every output, the saved lse and the delta buffer start as NaN: a missed row stays NaN.
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    def poisoned(shape, dtype, device):  # the int32 block work: -1 (test_block_work_... checks its values)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
     monkeypatch.setattr(swa, "_new_output", poisoned)
     b, t, h, d = 2, 45, 2, 64  # 45 = one full and one partial 32-row block
@@ -176,6 +175,31 @@ def test_strided_slices_of_a_fused_qkv_are_read_in_place(interpreter_device):
     result = run_triton(q, k, v, upstream, window=11, doc_ids=doc_ids, scale=0.12, config=SMALL)
     assert_close_to_reference(result, oracle(q, k, v, upstream, window=11, doc_ids=doc_ids, scale=0.12),
                               torch.float16)
+
+
+def test_tensors_that_tma_cannot_read_in_place_are_copied(interpreter_device):
+    # TMA reads [B, T, H * D] views: heads packed along a row, 16-byte aligned base and
+    # strides.  The model's fused-QKV chunks are read in place; a head-major layout, an
+    # odd storage offset, an expanded (stride-0) gradient and a non-unit stride along D are
+    # copied, with equal results.
+    fused = torch.randn(2, 40, 3 * 2, 64, generator=torch.Generator().manual_seed(2)).half().to(interpreter_device)
+    q, k, v = fused.chunk(3, dim=-2)
+    assert swa._descriptor(q, 16).base is q
+    head_major = q.transpose(1, 2).contiguous().transpose(1, 2)  # stride_h = T * D
+    storage = torch.empty(q.numel() + 1, dtype=q.dtype, device=interpreter_device)
+    misaligned = storage[1:].view(q.shape).copy_(q)  # base 2 bytes past an aligned one
+    expanded = torch.ones(1, 1, 1, 64, dtype=q.dtype, device=interpreter_device).expand(q.shape)
+    strided_d = q.transpose(2, 3).contiguous().transpose(2, 3)  # an upstream gradient may come so
+    for odd in (head_major, misaligned, expanded, strided_d):
+        desc = swa._descriptor(odd, 16)
+        assert desc.base is not odd and torch.equal(desc.base, odd)
+    doc_ids = documents(2, 40, device=interpreter_device)
+    expected, lse = swa._forward(q, k, v, doc_ids, 9, 0.12, SMALL["fwd"])
+    for odd_q in (head_major, misaligned):
+        assert torch.equal(swa._forward(odd_q, k, v, doc_ids, 9, 0.12, SMALL["fwd"])[0], expected)
+    grads = swa._backward(expanded, q, k, v, expected, lse, doc_ids, 9, 0.12, SMALL)
+    assert all(torch.equal(g, e) for g, e in zip(grads, swa._backward(expanded.contiguous(), q, k, v, expected, lse,
+                                                                       doc_ids, 9, 0.12, SMALL)))
 
 
 # ---- block ranges against a brute-force mask -------------------------------------------
@@ -263,6 +287,56 @@ def test_block_ranges_visit_exactly_the_visible_blocks(t, window, lengths, bm, b
     saw_full = _check_ranges(key_ranges.cpu(), mask, bm, bn, t)
     assert _check_ranges(query_ranges.cpu(), mask.T, bn, bm, t) == saw_full
     assert saw_full == expect_full  # the unmasked path is exercised wherever it can be
+
+
+@pytest.mark.parametrize("t,window,lengths,bm,bn,block_size", [
+    (200, 50, [40, 3, 1, 70, 9], 16, 32, None),
+    (173, None, [90, 20], 32, 16, None),
+    (97, 300, None, 32, 16, None),
+    (300, 128, [150, 20], 32, 16, 128),
+])
+def test_launch_order_is_longest_work_first(t, window, lengths, bm, bn, block_size, interpreter_device):
+    # _block_work counts, per query (key) block, the key (query) blocks with a visible pair,
+    # exactly as the brute-force mask does; the launch order is a permutation that sorts
+    # that work in descending order, ties in position order.
+    doc_ids = documents_of_lengths(lengths, t) if lengths else None
+    mask = reference.attention_mask(t, window=window, doc_ids=doc_ids, block_size=block_size)[0]
+    docs, doc_stride, has_docs = swa._doc_args(doc_ids.to(interpreter_device) if lengths else None,
+                                               interpreter_device)
+    kernel_window = swa._kernel_window(window or 0, t, block_size or 1)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn)
+    for query_blocks, own, other, rows in ((True, bm, bn, mask), (False, bn, bm, mask.T)):
+        order = swa._longest_first(docs, doc_stride, has_docs, 1, t, kernel_window, cfg, block_size or 1,
+                                   query_blocks, interpreter_device)[0].cpu()
+        work = torch.tensor([[bool(rows[p * own:(p + 1) * own, c * other:(c + 1) * other].any())
+                              for c in range(triton.cdiv(t, other))] for p in range(triton.cdiv(t, own))]).sum(1)
+        assert sorted(order.tolist()) == list(range(len(work)))
+        ranked = work[order.long()]
+        assert (ranked[:-1] >= ranked[1:]).all()
+        ties = ranked[:-1] == ranked[1:]
+        assert (order[:-1][ties] < order[1:][ties]).all()
+        assert ranked[0] > ranked[-1]  # the cases do have cheaper blocks (document or sequence starts)
+
+
+def test_a_launch_over_the_grid_limit_raises_before_launching():
+    docs, doc_stride, has_docs = swa._doc_args(None, "cpu")
+    cfg = dict(BLOCK_M=1, BLOCK_N=1)
+    with pytest.raises(ValueError, match="T = 65536 is too long: 65536 blocks"):
+        swa._longest_first(docs, doc_stride, has_docs, 1, 65536, 0, cfg, 1, True, "cpu")
+
+
+def test_launch_order_changes_no_result(monkeypatch, interpreter_device):
+    # Each program's arithmetic is the same whichever order the blocks launch in.
+    b, t, h, d = 2, 90, 2, 64
+    q, k, v = qkv(b, t, h, d, torch.float16, seed=11, device=interpreter_device)
+    upstream = torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(5)).half().to(interpreter_device)
+    kwargs = dict(window=30, doc_ids=documents(b, t, seed=4, device=interpreter_device), scale=0.12, config=SMALL)
+    docs, doc_stride, has_docs = swa._doc_args(kwargs["doc_ids"], interpreter_device)
+    order = swa._longest_first(docs, doc_stride, has_docs, b, t, 30, SMALL["fwd"], 1, True, interpreter_device)
+    assert not torch.equal(order.cpu(), torch.arange(order.shape[1], dtype=torch.int32).repeat(b, 1))
+    longest_first = run_triton(q, k, v, upstream, **kwargs)
+    monkeypatch.setattr(swa, "LONGEST_FIRST", False)
+    assert all(torch.equal(x, y) for x, y in zip(longest_first, run_triton(q, k, v, upstream, **kwargs)))
 
 
 # ---- block-granular windows against the 2025-01 record's own BlockMask ---------------------
@@ -527,22 +601,28 @@ def _hopper_specs(dtype="bf16", head_dim=128):
         return {f"stride_{n}{axis}": "i32" for n in names for axis in "bth"}
 
     tensor = f"*{dtype}"
+
+    def descriptors(config, **blocks):  # q, k, v, dO: TMA descriptors of [B, T, H * D] views
+        return {arg: f"tensordesc<{dtype}[1, {config[block]}, {head_dim}]>" for arg, block in blocks.items()}
+
+    qkv = dict(q_desc="BLOCK_M", k_desc="BLOCK_N", v_desc="BLOCK_N")
     signatures = {
-        "fwd": ("_sliding_window_attn_fwd", {
-            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "doc_ptr": "*i32", "o_ptr": tensor, "lse_ptr": "*fp32",
-            "T": "i32", "window": "i32", "scale_log2": "fp32", **strides("q", "k", "v", "o"), "stride_docb": "i32"}),
-        "dkdv": ("_sliding_window_attn_bwd_dkdv", {
-            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor, "lse_ptr": "*fp32",
-            "delta_ptr": "*fp32", "doc_ptr": "*i32", "dk_ptr": tensor, "dv_ptr": tensor, "T": "i32", "window": "i32",
-            "scale": "fp32", "scale_log2": "fp32", **strides("q", "k", "v", "do"), "stride_docb": "i32"}),
-        "dq": ("_sliding_window_attn_bwd_dq", {
-            "q_ptr": tensor, "k_ptr": tensor, "v_ptr": tensor, "do_ptr": tensor, "lse_ptr": "*fp32",
-            "delta_ptr": "*fp32", "doc_ptr": "*i32", "dq_ptr": tensor, "T": "i32", "window": "i32",
-            "scale": "fp32", "scale_log2": "fp32", **strides("q", "k", "v", "do"), "stride_docb": "i32"}),
+        "fwd": ("_sliding_window_attn_fwd", lambda c: {
+            **descriptors(c, **qkv), "doc_ptr": "*i32", "order_ptr": "*i32", "o_ptr": tensor, "lse_ptr": "*fp32",
+            "T": "i32", "window": "i32", "scale_log2": "fp32", **strides("o"), "stride_docb": "i32"}),
+        "dkdv": ("_sliding_window_attn_bwd_dkdv", lambda c: {
+            **descriptors(c, **qkv, do_desc="BLOCK_M"), "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+            "doc_ptr": "*i32", "order_ptr": "*i32", "dk_ptr": tensor, "dv_ptr": tensor, "T": "i32", "window": "i32",
+            "scale": "fp32", "scale_log2": "fp32", "stride_docb": "i32"}),
+        "dq": ("_sliding_window_attn_bwd_dq", lambda c: {
+            **descriptors(c, **qkv, do_desc="BLOCK_M", o_desc="BLOCK_M"), "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+            "doc_ptr": "*i32", "order_ptr": "*i32", "dq_ptr": tensor, "T": "i32", "window": "i32",
+            "scale": "fp32", "scale_log2": "fp32", "stride_docb": "i32"}),
     }
     specs = []
-    for name, (kernel, signature) in signatures.items():
+    for name, (kernel, make_signature) in signatures.items():
         config = dict(swa.CONFIGS[head_dim][name])
+        signature = make_signature(config)
         warps = config.pop("num_warps")
         config.pop("num_stages")
         # What the JIT specializes at the speedrun's shapes: 16-byte aligned tensors, strides
@@ -553,12 +633,6 @@ def _hopper_specs(dtype="bf16", head_dim=128):
                       "constexprs": {"HAS_DOCS": True, "HEAD_DIM": head_dim, "SCAN": swa.SCAN_CHUNK,
                                      "WINDOW_BLOCK": 128, **config},
                       "num_warps": warps, "divisible_by_16": divisible})
-    specs.append({"module": "kernels.sliding_window_attention", "kernel": "_sliding_window_attn_bwd_delta",
-                  "signature": {"o_ptr": tensor, "do_ptr": tensor, "delta_ptr": "*fp32", "T": "i32",
-                                **strides("o", "do")},
-                  "constexprs": {"HEAD_DIM": head_dim, "BLOCK_M": swa.DELTA_BLOCK_M}, "num_warps": 4,
-                  "divisible_by_16": ["o_ptr", "do_ptr", "delta_ptr", "T", "stride_ob", "stride_ot", "stride_oh",
-                                      "stride_dob", "stride_dot", "stride_doh"]})
     return specs
 
 
@@ -567,11 +641,9 @@ def test_triton_kernels_compile_for_sm90_with_wgmma():
     for spec, compiled in zip(specs, compile_for_hopper(specs)):
         ptx = compiled["ptx"]
         assert compiled["cubin_bytes"] > 0 and ".target sm_90" in ptx, spec["kernel"]
-        if spec["kernel"] != "_sliding_window_attn_bwd_delta":
-            # Hopper tensor cores, fed by asynchronous (pipelined) copies of K/V or Q/dO tiles.
-            assert "wgmma.mma_async" in ptx, spec["kernel"]
-            assert "cp.async" in ptx, spec["kernel"]
-        assert re.search(r"ld\.global\S*\.v4\.b32", ptx) or "cp.async.cg.shared.global" in ptx, spec["kernel"]
+        # Hopper tensor cores, fed by TMA copies of the Q, K, V and dO (and O) tiles.
+        assert "wgmma.mma_async" in ptx, spec["kernel"]
+        assert "cp.async.bulk.tensor" in ptx, spec["kernel"]
 
 
 # ---- GPU: bf16 against FlexAttention with the exact same mask ------------------------------

@@ -69,11 +69,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "static
 OPS = ("softcap_ce", "fp8_head", "newton_schulz", "relu2_mlp", "sliding_window_attention")
 
 # Spills known today, each with the reason and the work that removes it; any other spill fails.
-KNOWN_SPILLS = {
-    ("sliding_window_attention", "triton _sliding_window_attn_bwd_dkdv"):
-        (8, "255 registers with 32x128 tiles (bench/NOTES.md: tiles chosen to stay under 255); "
-            "to be removed by issue 17 (attention v2: TMA K/V, a wider backward, no spills)"),
-}
+KNOWN_SPILLS = {}
 # Kernels whose design keeps wgmma groups in flight across the K loop's waits.
 OVERLAP_CLAIMED = {
     # dx and dW promote to fp32 after every k-block (wait_group 0): test_fp8_head_* below.
@@ -296,3 +292,32 @@ def test_fp8_head_y_epilogue_is_a_tma_store():
     for name in ("cuda fp8_gemm<e5m2,bf16,promoted> (dx)", "cuda fp8_gemm<e5m2,fp32,promoted> (dW)",
                  "cuda fp8_gemm<e5m2,fp32>"):
         assert records[name]["tma_stores"] == 0, name
+
+
+# ---- sliding_window_attention (issue 17, bench/NOTES.md sliding_window_attention) ---------
+
+ATTENTION_KERNELS = ("_sliding_window_attn_fwd", "_sliding_window_attn_bwd_dkdv", "_sliding_window_attn_bwd_dq")
+
+
+def _attention_records():
+    return {k["name"].removeprefix("triton "): k for op, k in _kernels() if op == "sliding_window_attention"}
+
+
+def test_sliding_window_attention_tiles_arrive_by_tma_and_nothing_spills():
+    # Q, K, V and dO tiles come through TMA descriptors: no per-thread addresses in the
+    # pipeline, which is what made the pointer kernels spill at 64-query dK/dV blocks.
+    records = _attention_records()
+    for name in ATTENTION_KERNELS:
+        kernel = records[name]
+        assert kernel["tma_loads"] > 0, name
+        assert kernel["spill_bytes"] == 0 and kernel["local_accesses"] == 0, (name, kernel["spill_bytes"])
+        assert kernel["ctas_per_sm"] >= 1 and any(mma.startswith("HGMMA") for mma in kernel["mma"]), name
+
+
+def test_sliding_window_attention_dkdv_walks_query_blocks_of_at_least_64_rows():
+    # The record is current (test_committed_records_are_current), so it was built with these.
+    import importlib
+    swa = importlib.import_module("kernels.sliding_window_attention")
+    for head_dim, configs in swa.CONFIGS.items():
+        assert configs["dkdv"]["BLOCK_M"] >= 64, head_dim
+

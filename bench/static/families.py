@@ -368,27 +368,33 @@ def sliding_window_attention() -> Op:
     pairs = bench.visible_pairs(bench.document_lengths(t), WINDOW)
     strides = {"b": t * HEADS * HEAD_DIM, "t": HEADS * HEAD_DIM, "h": HEAD_DIM}
 
-    def spec(name: str, kernel: str, pointers: list[str], extra: dict, tensors: str) -> dict:
+    def spec(name: str, kernel: str, rows: dict[str, str], extra: dict) -> dict:
+        # rows: descriptor argument -> the config block its tiles span (q, k, v, dO are TMA
+        # descriptors of [B, T, H, D] read in [1, rows, 1, D] tiles; kernels._descriptor).
         config = dict(swa.CONFIGS[HEAD_DIM][name])
+        descriptors = {arg: f"tensordesc<bf16[1, {config[block]}, {HEAD_DIM}]>" for arg, block in rows.items()}
         return {"module": "kernels.sliding_window_attention", "kernel": kernel,
                 "num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages"),
-                "args": {**{p: "*bf16" for p in pointers}, "lse_ptr": "*fp32", "doc_ptr": "*i32", "T": t,
+                "args": {**descriptors, "lse_ptr": "*fp32", "doc_ptr": "*i32", "order_ptr": "*i32", "T": t,
                          "window": WINDOW, **extra,
-                         **{f"stride_{n}{axis}": strides[axis] for n in tensors for axis in "bth"},
-                         "stride_docb": t, "HAS_DOCS": True, "WINDOW_BLOCK": 128, "HEAD_DIM": HEAD_DIM, "SCAN": swa.SCAN_CHUNK, **config}}
+                         "stride_docb": t, "HAS_DOCS": True, "WINDOW_BLOCK": 128, "HEAD_DIM": HEAD_DIM,
+                         "SCAN": swa.SCAN_CHUNK, **config}}
 
     scales = {"scale": HEAD_DIM ** -0.5, "scale_log2": HEAD_DIM ** -0.5 * swa.LOG2_E}
-    fwd = spec("fwd", "_sliding_window_attn_fwd", ["q_ptr", "k_ptr", "v_ptr", "o_ptr"],
-               {"scale_log2": scales["scale_log2"]}, "qkvo")
+    qkv_rows = {"q_desc": "BLOCK_M", "k_desc": "BLOCK_N", "v_desc": "BLOCK_N"}
+    fwd = spec("fwd", "_sliding_window_attn_fwd", qkv_rows,
+               {"o_ptr": "*bf16", "scale_log2": scales["scale_log2"],
+                **{f"stride_o{axis}": strides[axis] for axis in "bth"}})
     backward = {"delta_ptr": "*fp32", **scales}
-    dkdv = spec("dkdv", "_sliding_window_attn_bwd_dkdv", ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"],
-                backward, ["q", "k", "v", "do"])
-    dq = spec("dq", "_sliding_window_attn_bwd_dq", ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr"],
-              backward, ["q", "k", "v", "do"])
-    delta = {"module": "kernels.sliding_window_attention", "kernel": "_sliding_window_attn_bwd_delta",
-             "num_warps": 4, "args": {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "T": t,
-                                      **{f"stride_{n}{axis}": strides[axis] for n in ("o", "do") for axis in "bth"},
-                                      "HEAD_DIM": HEAD_DIM, "BLOCK_M": swa.DELTA_BLOCK_M}}
+    dkdv = spec("dkdv", "_sliding_window_attn_bwd_dkdv", {**qkv_rows, "do_desc": "BLOCK_M"},
+                {"dk_ptr": "*bf16", "dv_ptr": "*bf16", **backward})
+    dq = spec("dq", "_sliding_window_attn_bwd_dq", {**qkv_rows, "do_desc": "BLOCK_M", "o_desc": "BLOCK_M"},
+              {"dq_ptr": "*bf16", **backward})
+    fwd_blocks = swa.CONFIGS[HEAD_DIM]["fwd"]
+    work = {"module": "kernels.sliding_window_attention", "kernel": "_block_work", "num_warps": 4,
+            "args": {"doc_ptr": "*i32", "work_ptr": "*i32", "T": t, "window": WINDOW, "stride_docb": t,
+                     "HAS_DOCS": True, "QUERY_BLOCKS": True, "BLOCK_M": fwd_blocks["BLOCK_M"],
+                     "BLOCK_N": fwd_blocks["BLOCK_N"], "SCAN": swa.SCAN_CHUNK, "WINDOW_BLOCK": 128}}
 
     def grid(name: str, block: str) -> int:
         return triton.cdiv(t, swa.CONFIGS[HEAD_DIM][name][block]) * HEADS
@@ -398,12 +404,13 @@ def sliding_window_attention() -> Op:
               bytes=0, flops=bench.flops(pairs, "fwd+bwd", HEADS, HEAD_DIM), flop_kind="bf16", kernels=[
         Kernel("triton _sliding_window_attn_fwd", "forward: online softmax over visible key blocks", "triton",
                ctas=grid("fwd", "BLOCK_M"), spec=fwd),
-        Kernel("triton _sliding_window_attn_bwd_delta", "delta = rowsum(dO * O)", "triton",
-               ctas=triton.cdiv(t, swa.DELTA_BLOCK_M) * HEADS, spec=delta),
+        Kernel("triton _block_work", "key blocks per query block, for the longest-first launch order "
+               "(once per forward, dQ and, per key block, dK/dV)", "triton",
+               ctas=triton.cdiv(t, fwd_blocks["BLOCK_M"]), spec=work),
+        Kernel("triton _sliding_window_attn_bwd_dq", "dQ per query block, and delta = rowsum(dO * O)", "triton",
+               ctas=grid("dq", "BLOCK_M"), spec=dq),
         Kernel("triton _sliding_window_attn_bwd_dkdv", "dK, dV per key block", "triton",
                ctas=grid("dkdv", "BLOCK_N"), spec=dkdv),
-        Kernel("triton _sliding_window_attn_bwd_dq", "dQ per query block", "triton",
-               ctas=grid("dq", "BLOCK_M"), spec=dq),
     ], notes=[f"{pairs / 1e6:.1f} M visible (query, key) pairs per head; FLOPs 14 D per pair and head "
               "(fwd+bwd, bench formula); compute-bound (~400 FLOP/B), so no memory floor is given"])
 
