@@ -34,6 +34,7 @@ real call is exercised before a GPU sees it (tests/test_gpu_session.py runs it i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -354,6 +355,16 @@ def session(out: Path, *, dry_run: bool) -> int:
 WORKLOAD_TOL = 2e-2
 
 
+@contextlib.contextmanager
+def _promote_y(value: bool):
+    from kernels import fp8_head
+    saved, fp8_head.PROMOTE_Y = fp8_head.PROMOTE_Y, value
+    try:
+        yield
+    finally:
+        fp8_head.PROMOTE_Y = saved
+
+
 def sanitizer_workload(device: str, backend: str) -> list[str]:
     """The CUDA-extension ops, forward and backward, at small awkward shapes (rows and vocab
     sizes that are no multiple of a tile), checked against the reference: what
@@ -398,8 +409,12 @@ def sanitizer_workload(device: str, backend: str) -> list[str]:
             targets = torch.randint(0, v, (n,), generator=gen).to(device)
             # The gradient is scaled by 2**19 into e5m2 (max 57344): an upstream like a mean
             # loss's over many rows, as in training, keeps it in range.
-            lines.append(check(f"fp8_linear {n}x{k}x{v}", kernels.fp8_linear, reference.fp8_linear, [x, weight],
-                               upstream_scale=1e-4))
+            # y in both accumulation modes (kernels/fp8_head.py PROMOTE_Y): the fast one stores
+            # through TMA, the promoted one runs the 128x128 tiles dx and dW always use.
+            for promote_y in (False, True):
+                with _promote_y(promote_y):
+                    lines.append(check(f"fp8_linear {n}x{k}x{v} promote_y={promote_y}", kernels.fp8_linear,
+                                       reference.fp8_linear, [x, weight], upstream_scale=1e-4))
             lines.append(check(f"linear_softcap_cross_entropy {n}x{k}x{v}", kernels.linear_softcap_cross_entropy,
                                reference.linear_softcap_cross_entropy, [x, weight, targets]))
     if device == "cuda":
