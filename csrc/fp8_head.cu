@@ -39,7 +39,8 @@
 //         128 fp32 accumulators per thread (promoted: m64n128k32, 64 + 64 for the fp32
 //         sum); setmaxnreg.inc 232 (40*128 + 232*256 = 64512 of the SM's 65536
 //         registers; ptxas still allots the code 168, which bounds what fits).
-// Persistent: grid = min(#tiles, #SMs); CTA b takes tiles b, b + grid, ...  Tiles are
+// Persistent: grid = min(#tiles, #SMs) (clusters: see below); CTA b takes tiles b,
+// b + grid, ...  Tiles are
 // ordered in groups of group_m row-tiles (all column tiles of a group before the next
 // group, row fastest inside it), so the CTAs of one wave share A rows and B rows in L2:
 // whole rows of tiles per wave when the column tiles fit a wave (dx, dW: an A row panel
@@ -53,6 +54,41 @@
 // the previous stage.  Promoted: each k-block is waited for (wait_group 0), its stage
 // released, then added into fp32; the other consumer warpgroup's wgmmas can run on the
 // tensor cores while one adds.
+//
+// Clusters (promoted instances, kClusterPromoted = 2; 1 restores the plain launch).  A
+// promoted 128 x 128 tile needs 32 KiB of operands per k-block per 748 cycles of wgmma:
+// ~10 TB/s from L2 over 132 SMs, likely more than H100's L2 gives (bench/NOTES.md).  So
+// two CTAs on vertically adjacent row tiles (2m, 2m + 1) of one column tile run as a
+// cluster (cudaLaunchKernelEx, cluster dimension 2): they need the same B k-block, and
+// CTA r loads only B rows 64r..64r+63 of it (8 KiB) with a multicast TMA load
+// (.multicast::cluster, CTA mask 0b11) that writes the slice into both CTAs' stage
+// buffers at the same offset and counts its bytes on both CTAs' full[s].  Per CTA and
+// k-block: A 16 KiB + B 8 KiB = 24 KiB from L2 instead of 32 KiB (7.6 TB/s).
+//   full[s]:  1 arrival (own producer's arrive.expect_tx of A + the whole B tile = 32 KiB)
+//             plus the bytes; the peer's slice may land before the expect_tx (the tx
+//             count goes negative for a while; the pending arrival keeps the phase open).
+//   empty[s]: 16 arrivals, the 8 consumer warps of BOTH CTAs (mapa + remote
+//             mbarrier.arrive.shared::cluster), because both producers write into both
+//             CTAs' stage s.  So a producer refills stage s only when both CTAs' consumers
+//             are done with it, and the peer's multicast into stage s for round j + 1
+//             cannot start before this CTA's consumers saw round j's full[s] complete.
+//   Start: barrier.cluster after mbarrier.init, before any multicast or remote arrive.
+//   Exit:  barrier.cluster again, as the peer's consumers arrive on this CTA's empty
+//          barriers up to their last k-block.  (Every multicast into this CTA is for a
+//          k-block its own consumers wait for, so no load is in flight by then.)
+// Schedule: the persistent loop runs over cluster tiles (row-tile pairs x column tiles,
+// grouped as below); both CTAs of a cluster take the same cluster tiles, so they go
+// through the same k-blocks in the same order and leave the loop together.  Ragged edges:
+// with an odd number of row tiles the last pair's second row tile does not exist; its CTA
+// (a "phantom" tile) still serves its half of the multicast and takes part in both
+// barriers (expects only the 16 KiB of B, releases each stage to both CTAs) but loads no
+// A, runs no wgmma and stores nothing.  (The alternative, taking row tiles only in pairs
+// and leaving the odd one to a second pass, would need a second schedule; the phantom
+// costs one idle CTA for one tile, 1 / 393 of dW's rows.)  A B slice whose first row is
+// past N (ragged N, second half of the last column tile) is loaded from row N - 1 instead,
+// so no box lies wholly outside the tensor; its rows only feed columns >= N, never stored.
+// The grid is min(cluster tiles, cudaOccupancyMaxActiveClusters) clusters: the two CTAs
+// of a cluster must sit in one GPC, so fewer than #SMs / 2 clusters may fit at once.
 //
 // Shared-memory layout and the wgmma descriptors.  Each TMA box is {128 bytes of K,
 // rows} with CU_TENSOR_MAP_SWIZZLE_128B: row r of the box lands at byte r*128 of the
@@ -139,6 +175,12 @@ constexpr int kStagesFast = 4;
 // thread instead of 128 + 128, which would not fit 255), 6 stages of 32 KiB.
 constexpr int kBNPromoted = 128;
 constexpr int kStagesPromoted = 6;
+// Promoted instances run as clusters of this many CTAs on vertically adjacent row tiles
+// that share the B k-block, each loading 1/kClusterPromoted of it and multicasting it to
+// all (header, "Clusters").  1 = no cluster (plain launch, every CTA loads its whole B
+// tile), kept so a GPU session can compare; 2 is the design.
+constexpr int kClusterPromoted = 2;
+static_assert(kClusterPromoted == 1 || kClusterPromoted == 2, "a cluster of 1 or 2 CTAs");
 // Fast with bf16 output (y): the tile is staged in shared memory for a TMA store that runs
 // while the next tile's mainloop does (64 KiB), so 3 stages.
 constexpr int kStagesFastTmaStore = 3;
@@ -167,6 +209,10 @@ struct GemmConfig {
   static constexpr int kAccum = kBN / 2;  // fp32 accumulators per consumer thread for m64 x kBN
   static constexpr int kStageBytesB = kBN * kBK;
   static constexpr int kStageBytes = kStageBytesA + kStageBytesB;
+  // CTAs per cluster (sharing the B k-block by TMA multicast) and the B rows each loads.
+  static constexpr int kCluster = kPromote ? kClusterPromoted : 1;
+  static constexpr int kSliceRowsB = kBN / kCluster;
+  static_assert((kSliceRowsB * kBK) % 1024 == 0, "each CTA's B slice must start on a swizzle atom");
   static_assert(kStageBytesA % 1024 == 0 && kStageBytesB % 1024 == 0, "stage buffers must stay 1024-aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of an sm_90 CTA");
 };
@@ -211,6 +257,43 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
           smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
       : "memory");
+}
+
+// The same load sent to every CTA of the cluster whose bit is set in `cta_mask`: the box
+// lands at dst's offset in each one's shared memory, and each one's mbarrier at bar's
+// offset gets the transaction bytes.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                                      uint16_t cta_mask, int inner, int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%4, %5}], [%2], %3;" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "h"(cta_mask), "r"(inner), "r"(outer)
+      : "memory");
+}
+
+// Arrives on the mbarrier at bar's offset in the shared memory of cluster CTA `cta`
+// (possibly this one).  Default semantics (release at CTA scope): .release.cluster
+// compiles to a MEMBAR.ALL.GPU per arrival, and nothing needs it: the arrival only says
+// that this warp's wgmmas, already completed by wgmma.wait_group, are done reading the
+// stage; the refill that waits on it is a TMA write issued after the producer's wait.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+      "r"(cta)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+// Every (non-exited) thread of the cluster: barrier.cluster, release/acquire.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
 // 2-D TMA store of the box at (inner, outer) element coordinates from shared memory, in
@@ -407,6 +490,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
   using Cfg = GemmConfig<kPromote, kTmaStore>;
   constexpr int kStages = Cfg::kStages;
   constexpr int kStageBytes = Cfg::kStageBytes;
+  constexpr int kCluster = Cfg::kCluster;
   extern __shared__ uint8_t smem_raw[];
   // The dynamic shared-memory base is only 16-byte aligned by the language: align it to
   // 1024 bytes (the 128B swizzle atom) by hand; the shared-memory size has the slack for it.
@@ -417,19 +501,38 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
 
   const int tiles_m = (M + kBM - 1) / kBM;
   const int tiles_n = (N + Cfg::kBN - 1) / Cfg::kBN;
-  const int tiles = tiles_m * tiles_n;
+  // The schedule is over cluster tiles: kCluster vertically adjacent row tiles of one
+  // column tile, CTA `rank` of the cluster taking row tile kCluster * m + rank.  Both CTAs
+  // of a cluster walk the same cluster tiles, so they load the same B k-blocks in step and
+  // leave the loop together; a row tile past tiles_m (odd tiles_m, last cluster row) is a
+  // "phantom": its CTA loads and computes no A, but still loads and multicasts its B slice
+  // and takes part in the barriers (header, "Clusters").
+  const int cluster_rows = (tiles_m + kCluster - 1) / kCluster;
+  const int tiles = cluster_rows * tiles_n;
   const int k_blocks = (K + kBK - 1) / kBK;
   const int warpgroup = threadIdx.x / 128;
+  const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
+  const int first_tile = blockIdx.x / kCluster;
+  const int tile_stride = gridDim.x / kCluster;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kConsumerWarps);
+      // A stage is free once every consumer warp of every CTA that reads this CTA's B slice
+      // (the whole cluster) is done with it.
+      mbar_init(&empty[s], kConsumerWarps * kCluster);
     }
-    // Make the initialized barriers visible to the TMA unit (the async proxy).
+    // Make the initialized barriers visible to the TMA unit (the async proxy) and, below,
+    // to the cluster's other CTA.
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  // The peer's barriers must be initialized before this CTA multicasts into them or
+  // arrives on them remotely.
+  if constexpr (kCluster > 1) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   if (warpgroup == 0) {
     // ---- producer ----
@@ -440,18 +543,32 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
       if (kTmaStore && tma_store) tma_prefetch_descriptor(&map_c);
       int stage = 0;
       uint32_t phase = 0;
-      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const TileCoord tile = tile_coord(t, tiles_m, tiles_n, group_m);
+      for (int t = first_tile; t < tiles; t += tile_stride) {
+        const TileCoord tile = tile_coord(t, cluster_rows, tiles_n, group_m);
+        const int tile_m = tile.m * kCluster + static_cast<int>(rank);
+        const bool phantom = tile_m >= tiles_m;
         for (int kb = 0; kb < k_blocks; ++kb) {
           // A fresh barrier counts as having completed the phase before phase 0, so the
           // first pass over the stages does not wait (parity phase ^ 1 == 1).
           mbar_wait(&empty[stage], phase ^ 1);
           uint8_t* a = smem + stage * kStageBytes;
           uint8_t* b = a + kStageBytesA;
-          // Out-of-bounds parts of a box are zero-filled and still counted: always the full bytes.
-          mbar_arrive_expect_tx(&full[stage], kStageBytes);
-          tma_load_2d(a, &map_a, &full[stage], kb * kBK, tile.m * kBM);
-          tma_load_2d(b, &map_b, &full[stage], kb * kBK, tile.n * Cfg::kBN);
+          // Out-of-bounds parts of a box are zero-filled and still counted: always the full
+          // bytes of B (every slice, this CTA's and the peer's multicast) and of A unless
+          // this tile is a phantom, which loads none.
+          mbar_arrive_expect_tx(&full[stage], phantom ? Cfg::kStageBytesB : kStageBytes);
+          if (!phantom) tma_load_2d(a, &map_a, &full[stage], kb * kBK, tile_m * kBM);
+          if constexpr (kCluster > 1) {
+            // A slice that would start past B's last row (ragged N) starts at that row
+            // instead: the box then overlaps the tensor (never relying on an entirely
+            // out-of-bounds box), and whatever it holds only feeds output columns >= N,
+            // which are never stored.
+            const int slice_row = min(tile.n * Cfg::kBN + static_cast<int>(rank) * Cfg::kSliceRowsB, N - 1);
+            tma_load_2d_multicast(b + rank * Cfg::kSliceRowsB * kBK, &map_b, &full[stage], (1u << kCluster) - 1,
+                                  kb * kBK, slice_row);
+          } else {
+            tma_load_2d(b, &map_b, &full[stage], kb * kBK, tile.n * Cfg::kBN);
+          }
           if (++stage == kStages) {
             stage = 0;
             phase ^= 1;
@@ -473,8 +590,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
     for (int i = 0; i < Cfg::kAccum; ++i) acc[i] = 0.f;
     int stage = 0;
     uint32_t phase = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const TileCoord tile = tile_coord(t, tiles_m, tiles_n, group_m);
+    for (int t = first_tile; t < tiles; t += tile_stride) {
+      const TileCoord tile = tile_coord(t, cluster_rows, tiles_n, group_m);
+      const int tile_m = tile.m * kCluster + static_cast<int>(rank);
+      const bool phantom = tile_m >= tiles_m;  // only with kCluster > 1: no A, no math, no stores
       if constexpr (kPromote) {
 #pragma unroll
         for (int i = 0; i < Cfg::kAccum; ++i) total[i] = 0.f;
@@ -482,6 +601,19 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
       int previous = 0;
       for (int kb = 0; kb < k_blocks; ++kb) {
         mbar_wait(&full[stage], phase);
+        if (kCluster > 1 && phantom) {
+          // Nothing to compute, but the stage's B slices are the cluster's: release it to
+          // every CTA of the cluster like a real k-block.
+          if (lane == 0) {
+#pragma unroll
+            for (int cta = 0; cta < kCluster; ++cta) mbar_arrive_cluster(&empty[stage], cta);
+          }
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+          continue;
+        }
         const uint8_t* a = smem + stage * kStageBytes + consumer * 64 * kBK;
         const uint8_t* b = smem + stage * kStageBytes + kStageBytesA;
         const uint64_t desc_a = smem_descriptor(a);
@@ -501,7 +633,16 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
           // the 64 FADDs; the other consumer warpgroup's wgmmas fill the gap.
           wgmma_wait<0>();
           fence_accumulators(acc);
-          if (lane == 0) mbar_arrive(&empty[stage]);
+          if (lane == 0) {
+            if constexpr (kCluster > 1) {
+              // Both CTAs' producers refill this stage (each its B slice into both), so
+              // both must learn that this warp is done with it.
+#pragma unroll
+              for (int cta = 0; cta < kCluster; ++cta) mbar_arrive_cluster(&empty[stage], cta);
+            } else {
+              mbar_arrive(&empty[stage]);
+            }
+          }
 #pragma unroll
           for (int i = 0; i < Cfg::kAccum; ++i) total[i] += acc[i];
         } else if (kb > 0) {
@@ -515,10 +656,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
           phase ^= 1;
         }
       }
-      const int row0 = tile.m * kBM + consumer * 64 + warp * 16 + lane / 4;
+      const int row0 = tile_m * kBM + consumer * 64 + warp * 16 + lane / 4;
       const int col0 = tile.n * Cfg::kBN + 2 * (lane % 4);
       if constexpr (kPromote) {
-        store_fragment(total, c, row0, col0, M, N, ldc, alpha, vector_ok);
+        if (!phantom) store_fragment(total, c, row0, col0, M, N, ldc, alpha, vector_ok);
       } else {
         wgmma_wait<0>();
         fence_accumulators(acc);
@@ -540,7 +681,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
 #pragma unroll
               for (int box = 0; box < 4; ++box) {
                 tma_store_2d(&map_c, area + box * kStoreBoxBytes, tile.n * Cfg::kBN + box * kStoreBoxCols,
-                             tile.m * kBM + consumer * 64);
+                             tile_m * kBM + consumer * 64);
               }
               bulk_commit();
             }
@@ -553,6 +694,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant
     // The last tile's stores must finish before the CTA (and its shared memory) goes away.
     if (kTmaStore && tma_store && threadIdx.x % 128 == 0) bulk_wait_all();
   }
+  // The peer's consumers arrive on this CTA's empty barriers up to their last k-block
+  // (its multicast data all landed before this CTA's own consumers could finish): no CTA
+  // of the cluster may exit, and free its shared memory, before all are done.
+  if constexpr (kCluster > 1) cluster_sync();
 }
 
 // ---- Casts to fp8 ---------------------------------------------------------------------------
@@ -773,19 +918,41 @@ void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, float alph
   const int M = static_cast<int>(a.size(0));
   const int N = static_cast<int>(b.size(0));
   const CUtensorMap map_a = operand_map(a, k, kBM);
-  const CUtensorMap map_b = operand_map(b, k, Cfg::kBN);
+  // Each CTA loads its slice of the B tile (all of it without a cluster).
+  const CUtensorMap map_b = operand_map(b, k, Cfg::kSliceRowsB);
   auto kernel = fp8_gemm_kernel<kAE5M2, OutT, kPromote>;
   // Per device and cheap: set on every launch rather than caching per process.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const int tiles_m = (M + kBM - 1) / kBM;
   const int tiles_n = (N + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t tiles = static_cast<int64_t>(tiles_m) * tiles_n;
+  // Cluster tiles: kCluster row tiles of one column tile (the kernel's schedule).
+  const int64_t tiles = static_cast<int64_t>((tiles_m + Cfg::kCluster - 1) / Cfg::kCluster) * tiles_n;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int grid = static_cast<int>(std::min<int64_t>(tiles, sms));
-  // Few column tiles (dx, dW: N = 768): a wave takes whole rows of tiles, so the CTAs that
-  // share an A row panel (K = 50304 bytes per row) run together and read it once from
-  // DRAM.  Many (y): groups of kGroupMWide row tiles, so w8 is re-read once per group.
-  const int group_m = tiles_n <= grid ? std::max(1, grid / tiles_n) : kGroupMWide;
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute{};
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = Cfg::kCluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = Cfg::kCluster > 1 ? 1 : 0;  // without a cluster: an ordinary launch
+  // Persistent: as many clusters as can be resident at once (a cluster's CTAs share a GPC,
+  // so with 1 CTA/SM that can be fewer than #SMs / kCluster), never more than the tiles.
+  int resident = sms;
+  if constexpr (Cfg::kCluster > 1) {
+    config.gridDim = dim3(sms / Cfg::kCluster * Cfg::kCluster);
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
+    TORCH_CHECK(resident >= 1, "fp8_gemm: no cluster of ", Cfg::kCluster, " CTAs fits this device");
+  }
+  const int clusters = static_cast<int>(std::min<int64_t>(tiles, resident));
+  config.gridDim = dim3(clusters * Cfg::kCluster);
+  // Few column tiles (dx, dW: N = 768): a wave takes whole rows of (cluster) tiles, so the
+  // CTAs that share an A row panel (K = 50304 bytes per row) run together and read it once
+  // from DRAM.  Many (y): groups of kGroupMWide row tiles, so w8 is re-read once per group.
+  const int group_m = tiles_n <= clusters ? std::max(1, clusters / tiles_n) : kGroupMWide;
   const bool vector_ok = c.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 8 == 0;
   // TMA stores need a 16-byte aligned base and row stride (N % 8 == 0 for a dense bf16 c);
   // other shapes take the register stores.
@@ -793,10 +960,9 @@ void launch_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, float alph
                          (c.stride(0) * static_cast<int64_t>(sizeof(OutT))) % 16 == 0;
   CUtensorMap map_c{};
   if (tma_store) map_c = output_map(c);
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
-      map_a, map_b, map_c, reinterpret_cast<OutT*>(c.data_ptr()), M, N, static_cast<int>(k), c.stride(0), alpha,
-      vector_ok, tma_store, group_m);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_c, reinterpret_cast<OutT*>(c.data_ptr()), M,
+                                    N, static_cast<int>(k), static_cast<int64_t>(c.stride(0)), alpha, vector_ok,
+                                    tma_store, group_m));
 }
 
 template <bool kAE5M2, typename OutT>
