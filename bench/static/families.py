@@ -148,10 +148,14 @@ def fp8_head() -> Op:
              runs: bool) -> Kernel:
         """One fp8_gemm_kernel<A e5m2?, OutT, kPromote> instance at rows x cols outputs."""
         bn = c["kBNPromoted"] if promoted else c["kBNFast"]
+        # Promoted: clusters of kClusterPromoted CTAs on row-tile pairs, as many as fit (at most
+        # SMS // cluster; the launch asks cudaOccupancyMaxActiveClusters, which can say fewer).
+        cluster = c["kClusterPromoted"] if promoted else 1
+        ctas = cluster * min(cdiv(cdiv(rows, c["kBM"]), cluster) * cdiv(cols, bn), hopper.SMS // cluster)
         mangled = {"e4m3": "Lb0E", "e5m2": "Lb1E"}[a_type] + {"bf16": "13__nv_bfloat16", "fp32": "f"}[out]
         mode = ",promoted" if promoted else ""
         return Kernel(f"cuda fp8_gemm<{a_type},{out}{mode}>{label}", role, "cuda", threads=c["kThreads"],
-                      ctas=min(cdiv(rows, c["kBM"]) * cdiv(cols, bn), hopper.SMS), source="fp8_head.cu",
+                      ctas=ctas, source="fp8_head.cu",
                       symbol=f"fp8_gemm_kernelI{mangled}Lb{int(promoted)}E",
                       dynamic_smem=c["kSmemBytesPromoted" if promoted
                                      else "kSmemBytesFastTmaStore" if out == "bf16" else "kSmemBytesFast"],
@@ -187,9 +191,10 @@ def fp8_head() -> Op:
         gemm("e4m3", "bf16", y_promoted, m, V, " (y)", "y GEMM: TMA + wgmma, persistent, 2 consumer warpgroups, "
              "one wgmma chain over K = 768 (kernels/fp8_head.py PROMOTE_Y), y out by TMA store overlapped with "
              "the next tile", True),
-        gemm("e5m2", "bf16", True, m, D, " (dx)", "dx GEMM (e5m2 gradient operand), fp32 promotion every 128 of K",
-             True),
-        gemm("e5m2", "fp32", True, V, D, " (dW)", "dW GEMM, fp32 output, fp32 promotion every 128 of K", True),
+        gemm("e5m2", "bf16", True, m, D, " (dx)", "dx GEMM (e5m2 gradient operand), fp32 promotion every 128 of K, "
+             f"{c['kClusterPromoted']}-CTA clusters multicasting the B k-block", True),
+        gemm("e5m2", "fp32", True, V, D, " (dW)", "dW GEMM, fp32 output, fp32 promotion every 128 of K, "
+             f"{c['kClusterPromoted']}-CTA clusters multicasting the B k-block", True),
         gemm("e4m3", "bf16", not y_promoted, m, V, " (y, other mode)", "y GEMM with PROMOTE_Y flipped", False),
         gemm("e5m2", "bf16", False, m, D, "", "fp8_gemm(promote=False) with an e5m2 operand, bf16 out", False),
         gemm("e5m2", "fp32", False, V, D, "", "fp8_gemm(promote=False) with an e5m2 operand, fp32 out", False),
