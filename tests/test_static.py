@@ -321,3 +321,38 @@ def test_sliding_window_attention_dkdv_walks_query_blocks_of_at_least_64_rows():
     for head_dim, configs in swa.CONFIGS.items():
         assert configs["dkdv"]["BLOCK_M"] >= 64, head_dim
 
+
+
+# ---- fp8_head: 2-CTA clusters with TMA multicast for the promoted tiles (issue 16) --------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda").exists(),
+                    reason="the CUDA kernels' reading needs nvcc")
+def test_fp8_head_promoted_gemm_multicasts_b_across_a_2_cta_cluster():
+    # As compiled (csrc/fp8_head.cu header, "Clusters"): every promoted instance loads A
+    # alone and its B slice with a multicast TMA load in the K loop, releases each stage to
+    # both CTAs of the cluster (remote mbarrier arrives) without a GPU-scope fence per
+    # arrival, and syncs the cluster (barrier.cluster) once at start and once at exit; the
+    # fast instances have none of it.  Registers, shared memory and spills as before.
+    from bench.static import build, families, sass
+    assert families.csrc_constants("fp8_head.cu")["kClusterPromoted"] == 2  # the design, not the comparison
+    functions = sass.sass(str(build.cuda_cubin("fp8_head.cu")))
+    gemms = {name: sass.code(instrs) for name, instrs in functions.items() if "fp8_gemm_kernel" in name}
+    assert len(gemms) == 8, sorted(gemms)
+    for name, instrs in gemms.items():
+        ops = [i.op for i in instrs]
+        loop = [i.op for i in _k_loop(instrs)]  # the consumers'
+        cluster_ops = sum(op.startswith("UCGABAR") for op in ops)
+        if re.search(r"Lb1EEEv", name):  # kPromote = true
+            # The producer's k-block loop is unrolled (with one elected-issue loop per TMA
+            # instruction): each copy loads its A tile alone and its B slice by multicast.
+            assert ops.count("UTMALDG.2D.MULTICAST") == ops.count("UTMALDG.2D") > 0, name
+            assert any(op.startswith("SYNCS.ARRIVE.TRANS64.RED") for op in loop), name  # remote release
+            assert "MEMBAR.ALL.GPU" not in loop, name
+            assert ops.count("UCGABAR_ARV") == 2 and ops.count("UCGABAR_WAIT") == 2, name
+        else:
+            assert cluster_ops == 0 and not any("MULTICAST" in op for op in ops), name
+    records = _fp8_records()
+    for name in ("cuda fp8_gemm<e5m2,bf16,promoted> (dx)", "cuda fp8_gemm<e5m2,fp32,promoted> (dW)"):
+        k = records[name]
+        assert k["registers"] == 168 and k["spill_bytes"] == 0 and k["local_accesses"] == 0, name
+        assert k["smem_bytes"] == 198752 and k["ctas_per_sm"] == 1 and k["ctas"] % 2 == 0, name
