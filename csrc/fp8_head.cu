@@ -49,7 +49,8 @@
 // producer runs ahead across tile boundaries, so the next tile's first stages load
 // during the consumers' epilogue.
 // Pipeline: full[s] (1 arrival + the transaction bytes of the TMA loads) and empty[s]
-// (8 arrivals: lane 0 of each consumer warp after its wgmmas on stage s completed).
+// (8 arrivals: lane 0 of each consumer warp after its wgmmas on stage s completed; 16,
+// both CTAs' warps, in a promoted cluster: see Clusters).
 // Fast: consumers keep one k-block of wgmmas in flight (wait_group 1) before releasing
 // the previous stage.  Promoted: each k-block is waited for (wait_group 0), its stage
 // released, then added into fp32; the other consumer warpgroup's wgmmas can run on the
