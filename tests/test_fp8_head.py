@@ -499,8 +499,10 @@ def test_triton_backend_compiles_with_fullgraph(interpreter_device):
     x, weight, targets, _ = head_inputs(n=9, k=40, v=33)
     x, weight, targets = x.to(interpreter_device), weight.to(interpreter_device), targets.to(interpreter_device)
 
+    # The e5m2 gradient is quantized at upstream 1 (the upstream multiplies dx and dW after):
+    # a mean over 9 rows needs a smaller grad_scale than the record's 2**19 to stay finite.
     def loss_fn(a, b):
-        return kernels.linear_softcap_cross_entropy(a, b, targets) * 1e-3
+        return kernels.linear_softcap_cross_entropy(a, b, targets, grad_scale=2.0**12) * 1e-3
 
     with kernels.use_backend("triton"):
         compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
