@@ -455,10 +455,13 @@ def _fp8_head_ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, row_loss: to
         g8, g8t = _CE_GRAD[backend](logits, targets, row_loss, _loss_factor(targets, ignore_index, reduction), cap,
                                     None if kind == "none" else kind, scale, ignore_index, grad_scale)
     dx, dw = _head_backward(g8, g8t, x8t, w8t, n, k, v, x_scale, w_scale, grad_scale, w_dtype, backend)
-    # The scalar upstream gradient after the GEMMs (the contract, DESIGN.md §2.2): a 0-dim
-    # fp32 factor keeps each dtype, one rounding per product, exact when it is 1.
-    upstream = grad_loss.to(torch.float32)
-    return dx * upstream, dw * upstream
+    # The scalar upstream gradient after the GEMMs (the contract, DESIGN.md §2.2), in place,
+    # one rounding per product: the softcap CE's row-scaling kernels, which skip a factor of
+    # exactly 1 on the device (loss.backward()): then no pass over dx and dW at all.
+    upstream = grad_loss.to(torch.float32).reshape(1)
+    softcap_ce._SCALE_ROWS[backend](dx, upstream)
+    softcap_ce._SCALE_ROWS[backend](dw, upstream)
+    return dx, dw
 
 
 @_fp8_head_ce_bwd.register_fake

@@ -529,8 +529,11 @@ def test_triton_fused_head_scales_dx_and_dw_by_the_upstream_after_the_gemms(redu
         loss, dx, dw = forward_backward(kernels.linear_softcap_cross_entropy, [x, weight], u, **kwargs)
         _, dx_1, dw_1 = forward_backward(kernels.linear_softcap_cross_entropy, [x, weight], torch.ones_like(u),
                                          **kwargs)
-    # Bitwise: the same e5m2 gradient and GEMMs, then one rounding of each product.
-    assert torch.equal(dx, (dx_1 * u).to(dx.dtype)) and torch.equal(dw, dw_1 * u)
+    # The same e5m2 gradient and GEMMs, then one rounding of each product: dW (fp32) bitwise;
+    # dx within one bf16 ulp (the interpreter's fp32 -> bf16 store truncates, DESIGN.md §4).
+    assert torch.equal(dw, dw_1 * u)
+    assert ((dx.float() - (dx_1.float() * u)).abs() <= (dx_1.float() * u).abs() * 2.0**-7).all()
+    assert not torch.equal(dx, dx_1) and (dx != 0).any()
     expected = forward_backward(reference.linear_softcap_cross_entropy, [x.cpu(), weight.cpu()], u.cpu(),
                                 **{**kwargs, "targets": targets.cpu()})
     assert rel_err(loss.cpu(), expected[0]) < 1e-3  # bf16 logits truncated in the interpreter
