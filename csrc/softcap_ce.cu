@@ -441,11 +441,27 @@ __device__ __forceinline__ uint32_t e5m2_of_f16(uint32_t b) {
 // e5m2(bf16(g * scale)), the unfused path's grad.mul(grad_scale).to(e5m2).  A bf16 value of
 // magnitude >= 2^-16 (e5m2's smallest subnormal) is exact in fp16, smaller ones round to 0
 // in e5m2 either way, and fp16 overflow is inf: the fp16 step adds no rounding of its own.
+// Exact for every value; the hot loop takes e5m2x2_fast and comes here only on overflow.
 __device__ __forceinline__ uint32_t e5m2x2_of_bf16x2(uint32_t w, float scale) {
   const float2 g = unpack2(w, at::BFloat16{});
   const float2 v = unpack2(pack2(g.x * scale, g.y * scale, at::BFloat16{}), at::BFloat16{});
   const uint32_t h = pack2(v.x, v.y, at::Half{});
   return e5m2_of_f16(h & 0xffffu) | (e5m2_of_f16(h >> 16) << 8);
+}
+
+// e5m2 rounds magnitudes from here up to inf (57344 is the largest finite value).
+constexpr float kE5M2Overflow = 61440.f;
+
+// As e5m2x2_of_bf16x2 with the hardware's f16x2 -> e5m2x2 conversion (one instruction for
+// two values, RNE), which saturates instead of overflowing: equal below kE5M2Overflow (NaN
+// stays NaN); `largest` collects the magnitudes so the caller can redo a pack that overflows.
+__device__ __forceinline__ uint32_t e5m2x2_fast(uint32_t w, float scale, float& largest) {
+  const float2 g = unpack2(w, at::BFloat16{});
+  const float2 v = unpack2(pack2(g.x * scale, g.y * scale, at::BFloat16{}), at::BFloat16{});
+  largest = fmaxf(largest, fmaxf(fabsf(v.x), fabsf(v.y)));
+  uint16_t q;
+  asm("cvt.rn.satfinite.e5m2x2.f16x2 %0, %1;" : "=h"(q) : "r"(pack2(v.x, v.y, at::Half{})));
+  return q;
 }
 
 // kE5M2 (the fused FP8 head's loss pass, bf16 only): instead of the gradient in T, write
@@ -562,8 +578,13 @@ softcap_ce_staged_kernel(const T* __restrict__ logits, int64_t row_stride, int n
             out[w] = pack2(ex2_approx(fmaf(q0, p.m2_q, c0)) * d0, ex2_approx(fmaf(q1, p.m2_q, c0)) * d1, T{});
           }
           if constexpr (kE5M2) {
-            const uint32_t lo = e5m2x2_of_bf16x2(out[0], e5m2_scale) | (e5m2x2_of_bf16x2(out[1], e5m2_scale) << 16);
-            const uint32_t hi = e5m2x2_of_bf16x2(out[2], e5m2_scale) | (e5m2x2_of_bf16x2(out[3], e5m2_scale) << 16);
+            float largest = 0.f;
+            uint32_t lo = e5m2x2_fast(out[0], e5m2_scale, largest) | (e5m2x2_fast(out[1], e5m2_scale, largest) << 16);
+            uint32_t hi = e5m2x2_fast(out[2], e5m2_scale, largest) | (e5m2x2_fast(out[3], e5m2_scale, largest) << 16);
+            if (largest >= kE5M2Overflow) {  // rare (grad_scale sized for the gradient): exact overflow to inf
+              lo = e5m2x2_of_bf16x2(out[0], e5m2_scale) | (e5m2x2_of_bf16x2(out[1], e5m2_scale) << 16);
+              hi = e5m2x2_of_bf16x2(out[2], e5m2_scale) | (e5m2x2_of_bf16x2(out[3], e5m2_scale) << 16);
+            }
             __stcs(reinterpret_cast<uint2*>(row_g8) + pack, make_uint2(lo, hi));
           } else {
             __stcs(reinterpret_cast<uint4*>(row_grad) + pack, make_uint4(out[0], out[1], out[2], out[3]));

@@ -612,7 +612,7 @@ def test_fp8_head_kernels_have_no_spills():
                           text=True, check=True).stdout if os.path.exists(CUOBJDUMP) else pytest.skip("no cuobjdump")
     usage = {name: line for name, line in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", text)
              if "fp8" in name or "ce_grad_e5m2" in name}
-    assert len(usage) == 8 + 6 + 1
+    assert len(usage) == 8 + 6 + 1 + 1  # GEMMs, casts, ce_grad_e5m2, transpose_bytes (in fp8_head.cu)
     spilled = {name: line for name, line in usage.items() if "STACK:0" not in line or "LOCAL:0" not in line}
     assert not spilled, spilled
 
