@@ -390,7 +390,9 @@ def test_gpu_cuda_graph_capture_and_compile():
 
 SASS_BUDGET = 25.0
 MUFU_BUDGET = 4.0
-E5M2_SASS_BUDGET = 40.0  # provisional: set from the first reading below
+# The kE5M2 instance (the fused FP8 head): statically 33.75 per element, its overflow path
+# (never taken in training) included; 24.0 executed (bench/NOTES.md fp8_head).
+E5M2_SASS_BUDGET = 34.0
 _SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;")
 _BACKWARD_BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+0x([0-9a-f]+)")
 
@@ -493,8 +495,9 @@ def test_cuda_staged_kernel_e5m2_variant_keeps_the_loops_and_stores_8_bytes(soft
     assert not any(re.search(r"\bSTG\.E\.EF\.128\b", op) for op in grad_loop)
     counts = [per_element_counts(body) for body in hot]
     assert [c[1] for c in counts] == [3.0, 1.0], counts
-    # The e5m2 rounding chain (bf16, * grad_scale, bf16, fp16, RNE to the top byte) costs
-    # integer work per element on top of the bf16 kernel: E5M2_SASS_BUDGET (bench/NOTES.md).
+    # The e5m2 chain (bf16, * grad_scale, bf16, fp16, the hardware's e5m2x2) and its exact
+    # overflow path (inline, skipped by a branch) on top of the bf16 kernel's loops.
+    assert any("F2FP.SATFINITE.E5M2" in op for op in grad_loop)
     assert sum(c[0] for c in counts) <= E5M2_SASS_BUDGET, counts
 
 
