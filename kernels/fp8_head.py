@@ -563,10 +563,12 @@ def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets:
     Returns:
         The loss in float32: a scalar, or [N] for reduction="none".
 
-    Gradients for x and weight (through the FP8 head's e5m2 gradient path when fp8).
-    Backends (fp8=True): cuda and triton run the fused head (module docstring): the bf16
-    logits are written once by the FP8 GEMM and kept for backward, whose gradient goes
-    straight to scaled e5m2; reference materializes fp32 and bf16 intermediates.
+    Gradients for x and weight (through the FP8 head's e5m2 gradient path when fp8; for
+    "mean" and "sum" the e5m2 gradient is that of upstream 1 and the upstream gradient
+    multiplies dx and dW after the GEMMs, so grad_scale must suit the upstream-1 gradient:
+    DESIGN.md §2.2).  Backends (fp8=True): cuda and triton run the fused head (module
+    docstring): the gradient goes straight to scaled e5m2, on cuda in the forward's loss
+    pass where it can; reference materializes fp32 and bf16 intermediates.
     fp8=False: x @ weight^T in x's dtype, then softcap_cross_entropy (its own backends).
     No host synchronization; traces under torch.compile(fullgraph=True).
     """
