@@ -517,6 +517,28 @@ def test_the_cuda_forward_writes_the_gradient_only_where_the_staged_kernel_appli
     assert fp8_head._grad_in_forward(*args) == fused
 
 
+def test_the_cuda_loss_pass_e5m2_rounding_is_torchs_cast_for_every_fp16_value():
+    """csrc/softcap_ce.cu rounds to e5m2 from fp16 bits: e5m2_of_f16 (integer RNE on the
+    magnitude, overflow carrying into inf, NaN kept) where a pack reaches kE5M2Overflow, the
+    hardware's saturating f16x2 -> e5m2x2 below it.  Both, written out here as that code
+    does, against torch's cast over all 65536 fp16 bit patterns (GPU-free: the hardware
+    conversion itself is checked by the GPU tests)."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32)
+    magnitude = bits & 0x7FFF
+    ours = torch.where(magnitude > 0x7C00, 0x7F, (magnitude + 0x7F + ((magnitude >> 8) & 1)) >> 8)
+    ours = ours | ((bits >> 8) & 0x80)
+    values = bits.to(torch.int16).view(torch.float16)
+    torchs = values.to(E5M2).view(torch.uint8).to(torch.int32)
+    nan = values.isnan()
+    assert torch.equal(ours[~nan], torchs[~nan])
+    assert ours[nan].to(torch.uint8).view(E5M2).float().isnan().all()
+    # Below the overflow threshold, a saturating conversion is the same cast: finite stays
+    # finite and the largest finite e5m2 (57344) is reached only by rounding, not clamping.
+    finite = values.float().abs() < 61440.0
+    assert torch.isfinite(values[finite].to(E5M2).float()).all()
+    assert torch.isinf(values[~finite & ~nan].to(E5M2).float()).all()
+
+
 @pytest.mark.skipif(not (_backend.interpreter_enabled() or HAS_GPU), reason="needs the interpreter or a GPU")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_triton_fused_head_scales_dx_and_dw_by_the_upstream_after_the_gemms(reduction, interpreter_device):
