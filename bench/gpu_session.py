@@ -418,8 +418,14 @@ def sanitizer_workload(device: str, backend: str) -> list[str]:
                 with _promote_y(promote_y):
                     lines.append(check(f"fp8_linear {n}x{k}x{v} promote_y={promote_y}", kernels.fp8_linear,
                                        reference.fp8_linear, [x, weight], upstream_scale=1e-4))
-            lines.append(check(f"linear_softcap_cross_entropy {n}x{k}x{v}", kernels.linear_softcap_cross_entropy,
-                               reference.linear_softcap_cross_entropy, [x, weight, targets]))
+            # V = 1000 (a multiple of 8): the cuda forward's staged loss pass writes g8 and the
+            # byte transpose g8^T (mean, sum); V = 101 and reduction "none": the backward's
+            # ce_grad_e5m2.  A sum's upstream-1 gradient needs grad_scale <= 2**15 (DESIGN §2.2).
+            for reduction, grad_scale in (("mean", 2.0**19), ("sum", 2.0**12), ("none", 2.0**19)):
+                lines.append(check(f"linear_softcap_cross_entropy {n}x{k}x{v} {reduction}",
+                                   kernels.linear_softcap_cross_entropy, reference.linear_softcap_cross_entropy,
+                                   [x, weight, targets], upstream_scale=1e-2 if reduction == "none" else 1.0,
+                                   reduction=reduction, grad_scale=grad_scale))
     if device == "cuda":
         torch.cuda.synchronize()
     return lines

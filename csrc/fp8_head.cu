@@ -850,6 +850,42 @@ ce_grad_e5m2_kernel(const at::BFloat16* __restrict__ logits, int64_t rows, int64
   store_transposed(tile, row0, col0, rows, cols, g8t, g8t_ld);
 }
 
+// ---- Byte transpose (the fused head's g8^T) -------------------------------------------------
+// dst[c, r] = src[r, c] for fp8 bytes, 64 x 64 tiles through shared memory, 16-byte loads and
+// 16-byte stores: each thread loads 16 bytes of a source row, and writes 16 consecutive bytes
+// of a destination row (16 source rows of one column).  Both row strides are multiples of 16
+// (fp8_buffers' padding), so every access is aligned and inside the padded rows; source rows
+// past the end are zeros in the tile, landing only in dst's pad columns.
+constexpr int kTransposeTile = 64;
+constexpr int kTransposeThreads = 256;
+constexpr int kTransposeStoreBytes = 16;
+
+__global__ void __launch_bounds__(kTransposeThreads)
+transpose_bytes_kernel(const uint8_t* __restrict__ src, int64_t rows, int64_t cols, int64_t src_ld,
+                       uint8_t* __restrict__ dst, int64_t dst_ld) {
+  static_assert(kTransposeTile * kTransposeTile == kTransposeThreads * kTransposeStoreBytes, "one uint4 per thread");
+  __shared__ alignas(16) uint8_t tile[kTransposeTile][kTransposeTile];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTransposeTile;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kTransposeTile;
+  {
+    // A warp reads 8 rows x 64 bytes (whole sectors) and writes 512 contiguous bytes of the tile.
+    const int r = threadIdx.x / 4, seg = 16 * (threadIdx.x % 4);
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (row0 + r < rows && col0 + seg < src_ld) v = *reinterpret_cast<const uint4*>(src + (row0 + r) * src_ld + col0 + seg);
+    *reinterpret_cast<uint4*>(&tile[r][seg]) = v;
+  }
+  __syncthreads();
+  // A warp reads 32 consecutive bytes of each tile row it gathers: no bank conflicts.
+  const int c = threadIdx.x % kTransposeTile, r0 = 16 * (threadIdx.x / kTransposeTile);
+  if (col0 + c >= cols || row0 + r0 >= dst_ld) return;
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = tile[r0 + 4 * i][c] | (tile[r0 + 4 * i + 1][c] << 8) | (tile[r0 + 4 * i + 2][c] << 16) |
+           (static_cast<uint32_t>(tile[r0 + 4 * i + 3][c]) << 24);
+  }
+  *reinterpret_cast<uint4*>(dst + (col0 + c) * dst_ld + row0 + r0) = make_uint4(w[0], w[1], w[2], w[3]);
+}
 
 // ---- Host side ------------------------------------------------------------------------------
 
@@ -1096,6 +1132,30 @@ std::tuple<at::Tensor, at::Tensor> fp8_ce_grad_e5m2(const at::Tensor& logits, co
       g8t.stride(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {g8, g8t};
+}
+
+
+// qt [cols, pad16(rows)]: the transpose of the first `cols` columns of the fp8 q [rows, >= cols],
+// whose row stride is a multiple of 16 bytes (as every fp8 buffer of this file).
+at::Tensor fp8_transpose(const at::Tensor& q, int64_t cols) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 2 && q.stride(1) == 1 && is_fp8(q),
+              "fp8_transpose: q must be a 2-D fp8 CUDA tensor with unit column stride");
+  TORCH_CHECK(cols >= 0 && cols <= q.size(1) && q.stride(0) % 16 == 0 && q.size(1) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+              "fp8_transpose: q's rows must be 16-byte aligned and padded to 16 bytes, with cols <= q.size(1)");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t rows = q.size(0);
+  at::Tensor qt = at::empty({cols, round_up16(rows)}, q.options());
+  if (rows == 0 || cols == 0) return qt;
+  const int64_t row_tiles = (rows + kTransposeTile - 1) / kTransposeTile;
+  const int64_t col_tiles = (cols + kTransposeTile - 1) / kTransposeTile;
+  TORCH_CHECK(row_tiles < (int64_t(1) << 31) && col_tiles <= 65535, "fp8_transpose: shape too large");
+  transpose_bytes_kernel<<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)),
+                           kTransposeThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint8_t*>(q.data_ptr()), rows, cols, q.stride(0),
+      reinterpret_cast<uint8_t*>(qt.data_ptr()), qt.stride(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return qt;
 }
 
 }  // namespace speedrun

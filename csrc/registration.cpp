@@ -17,6 +17,9 @@ std::tuple<at::Tensor, at::Tensor> softcap_ce_forward(const at::Tensor& logits, 
                                                       const at::Tensor& grad_scale, double cap, int64_t kind,
                                                       double scale, int64_t ignore_index, bool need_grad);
 void softcap_ce_scale_rows_(at::Tensor& grad, const at::Tensor& factor);
+std::tuple<at::Tensor, at::Tensor> softcap_ce_forward_e5m2(const at::Tensor& logits, const at::Tensor& targets,
+                                                           const at::Tensor& factor, double cap, int64_t kind,
+                                                           double scale, int64_t ignore_index, double grad_scale);
 
 // csrc/fp8_head.cu
 std::tuple<at::Tensor, at::Tensor> fp8_cast(const at::Tensor& src, double scale, bool e5m2, bool transpose);
@@ -25,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor> fp8_ce_grad_e5m2(const at::Tensor& logits, co
                                                     const at::Tensor& row_loss, const at::Tensor& row_factor,
                                                     double cap, int64_t kind, double scale, int64_t ignore_index,
                                                     double grad_scale);
+at::Tensor fp8_transpose(const at::Tensor& q, int64_t cols);
 
 }  // namespace speedrun
 
@@ -34,6 +38,11 @@ TORCH_LIBRARY(speedrun_cuda, m) {
         "float scale, int ignore_index, bool need_grad) -> (Tensor, Tensor)");
   // grad[i, :] *= factor[i] (factor of 1 or N fp32 elements); rows whose factor is 1 are skipped.
   m.def("softcap_ce_scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+  // The fused FP8 head's loss pass: (per-row loss [N], g8 [N, pad16(V)] e5m2), g8 =
+  // e5m2(bf16(bf16(d softcap_ce / d logits at row factor `factor`) * grad_scale)); bf16 logits,
+  // capped kinds with the fixed reference, V a multiple of 8 (the staged kernel only).
+  m.def("softcap_ce_forward_e5m2(Tensor logits, Tensor targets, Tensor factor, float cap, int kind, "
+        "float scale, int ignore_index, float grad_scale) -> (Tensor, Tensor)");
   // q = fp8(src * scale) as [R, pad16(C)] (e4m3, or e5m2 if e5m2) and, if transpose, its
   // transpose [C, pad16(R)] (else [0]); rows padded to 16 bytes for TMA, pads unwritten.
   m.def("fp8_cast(Tensor src, float scale, bool e5m2, bool transpose) -> (Tensor, Tensor)");
@@ -43,14 +52,18 @@ TORCH_LIBRARY(speedrun_cuda, m) {
   // and the per-row factor (1 or N elements), [N, pad16(V)] and [V, pad16(N)].
   m.def("fp8_ce_grad_e5m2(Tensor logits, Tensor targets, Tensor row_loss, Tensor row_factor, float cap, "
         "int kind, float scale, int ignore_index, float grad_scale) -> (Tensor, Tensor)");
+  // qt [cols, pad16(R)]: the transpose of q[:, :cols], q fp8 [R, pad16(>= cols)].
+  m.def("fp8_transpose(Tensor q, int cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(speedrun_cuda, CUDA, m) {
   m.impl("softcap_ce_forward", &speedrun::softcap_ce_forward);
   m.impl("softcap_ce_scale_rows_", &speedrun::softcap_ce_scale_rows_);
+  m.impl("softcap_ce_forward_e5m2", &speedrun::softcap_ce_forward_e5m2);
   m.impl("fp8_cast", &speedrun::fp8_cast);
   m.impl("fp8_gemm", &speedrun::fp8_gemm);
   m.impl("fp8_ce_grad_e5m2", &speedrun::fp8_ce_grad_e5m2);
+  m.impl("fp8_transpose", &speedrun::fp8_transpose);
 }
 
 // A plain Python module, so `import kernels._C` loads the library and runs the

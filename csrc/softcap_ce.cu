@@ -427,13 +427,55 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
   return value;
 }
 
-template <typename T, int kKind>
+// One fp16 value (low 16 bits of b) to e5m2 bits with round-to-nearest-even: e5m2 is the
+// top byte of fp16, so RNE is an integer add on the magnitude; overflow carries into inf
+// (as torch's cast: no saturation), NaN stays NaN.  (The hardware's f16x2 -> e5m2x2
+// conversion exists only with .satfinite, which would turn overflow into 57344.)
+__device__ __forceinline__ uint32_t e5m2_of_f16(uint32_t b) {
+  const uint32_t a = b & 0x7fffu;
+  const uint32_t r = a > 0x7c00u ? 0x7fu : (a + 0x7fu + ((a >> 8) & 1u)) >> 8;
+  return r | ((b >> 8) & 0x80u);
+}
+
+// Two bf16 gradients (one word, as pack2 writes them) to two e5m2 bytes in the low 16 bits:
+// e5m2(bf16(g * scale)), the unfused path's grad.mul(grad_scale).to(e5m2).  A bf16 value of
+// magnitude >= 2^-16 (e5m2's smallest subnormal) is exact in fp16, smaller ones round to 0
+// in e5m2 either way, and fp16 overflow is inf: the fp16 step adds no rounding of its own.
+// Exact for every value; the hot loop takes e5m2x2_fast and comes here only on overflow.
+__device__ __forceinline__ uint32_t e5m2x2_of_bf16x2(uint32_t w, float scale) {
+  const float2 g = unpack2(w, at::BFloat16{});
+  const float2 v = unpack2(pack2(g.x * scale, g.y * scale, at::BFloat16{}), at::BFloat16{});
+  const uint32_t h = pack2(v.x, v.y, at::Half{});
+  return e5m2_of_f16(h & 0xffffu) | (e5m2_of_f16(h >> 16) << 8);
+}
+
+// e5m2 rounds magnitudes from here up to inf (57344 is the largest finite value).
+constexpr float kE5M2Overflow = 61440.f;
+
+// As e5m2x2_of_bf16x2 with the hardware's f16x2 -> e5m2x2 conversion (one instruction for
+// two values, RNE), which saturates instead of overflowing: equal below kE5M2Overflow (NaN
+// stays NaN); `largest` collects the magnitudes so the caller can redo a pack that overflows.
+__device__ __forceinline__ uint32_t e5m2x2_fast(uint32_t w, float scale, float& largest) {
+  const float2 g = unpack2(w, at::BFloat16{});
+  const float2 v = unpack2(pack2(g.x * scale, g.y * scale, at::BFloat16{}), at::BFloat16{});
+  largest = fmaxf(largest, fmaxf(fabsf(v.x), fabsf(v.y)));
+  uint16_t q;
+  asm("cvt.rn.satfinite.e5m2x2.f16x2 %0, %1;" : "=h"(q) : "r"(pack2(v.x, v.y, at::Half{})));
+  return q;
+}
+
+// kE5M2 (the fused FP8 head's loss pass, bf16 only): instead of the gradient in T, write
+// g8 = e5m2(bf16(bf16(g) * e5m2_scale)) row-major into g8 (row stride g8_ld bytes), 8 bytes
+// per pack: y is read once for the loss and the e5m2 gradient together.
+template <typename T, int kKind, bool kE5M2>
 __global__ void __launch_bounds__(kStagedThreads, 2)
 softcap_ce_staged_kernel(const T* __restrict__ logits, int64_t row_stride, int n_cols, int n_rows,
                          const int64_t* __restrict__ targets, const float* __restrict__ grad_scale,
                          int64_t ignore_index, StagedParams p, float* __restrict__ loss,
-                         T* __restrict__ grad, bool need_grad) {
+                         T* __restrict__ grad, bool need_grad, uint8_t* __restrict__ g8, int64_t g8_ld,
+                         float e5m2_scale) {
   static_assert(kKind == kTanh || kKind == kSigmoid, "the staged kernel is for the capped kinds");
+  static_assert(!kE5M2 || sizeof(T) == 2, "the e5m2 variant rounds through the 16-bit logits' dtype");
   extern __shared__ uint4 row_smem[];  // the row, n_cols / 8 packs
   __shared__ uint64_t bars[kStagedChunks];
   __shared__ float scratch[kStagedThreads / 32];
@@ -512,7 +554,8 @@ softcap_ce_staged_kernel(const T* __restrict__ logits, int64_t row_stride, int n
     const float factor = !kept ? 0.f : (in_range ? *grad_scale : NAN);
     const float k = factor * p.dsdz;
     const float c0 = (p.cap - lse) * kLog2e + log2f(k) - 2.f * log2f(kQuantum);
-    T* row_grad = grad + static_cast<int64_t>(row) * n_cols;
+    T* row_grad = kE5M2 ? nullptr : grad + static_cast<int64_t>(row) * n_cols;
+    uint8_t* row_g8 = kE5M2 ? g8 + static_cast<int64_t>(row) * g8_ld : nullptr;
     const int target_pack = kept && in_range ? static_cast<int>(target) / kPackElems : -1;
     for (int c = 0; c < kStagedChunks; ++c) {
       int begin, end;
@@ -534,7 +577,18 @@ softcap_ce_staged_kernel(const T* __restrict__ logits, int64_t row_stride, int n
             const float d1 = q1 * ((kQuantum + kMantissaMagic) - f1);
             out[w] = pack2(ex2_approx(fmaf(q0, p.m2_q, c0)) * d0, ex2_approx(fmaf(q1, p.m2_q, c0)) * d1, T{});
           }
-          __stcs(reinterpret_cast<uint4*>(row_grad) + pack, make_uint4(out[0], out[1], out[2], out[3]));
+          if constexpr (kE5M2) {
+            float largest = 0.f;
+            uint32_t lo = e5m2x2_fast(out[0], e5m2_scale, largest) | (e5m2x2_fast(out[1], e5m2_scale, largest) << 16);
+            uint32_t hi = e5m2x2_fast(out[2], e5m2_scale, largest) | (e5m2x2_fast(out[3], e5m2_scale, largest) << 16);
+            if (largest >= kE5M2Overflow) {  // rare (grad_scale sized for the gradient): exact overflow to inf
+              lo = e5m2x2_of_bf16x2(out[0], e5m2_scale) | (e5m2x2_of_bf16x2(out[1], e5m2_scale) << 16);
+              hi = e5m2x2_of_bf16x2(out[2], e5m2_scale) | (e5m2x2_of_bf16x2(out[3], e5m2_scale) << 16);
+            }
+            __stcs(reinterpret_cast<uint2*>(row_g8) + pack, make_uint2(lo, hi));
+          } else {
+            __stcs(reinterpret_cast<uint4*>(row_grad) + pack, make_uint4(out[0], out[1], out[2], out[3]));
+          }
         }
         // The target's element: its thread, after its own store of that pack, subtracts
         // K * ds/dz (the one-hot term); program order keeps the second store last.
@@ -543,7 +597,11 @@ softcap_ce_staged_kernel(const T* __restrict__ logits, int64_t row_stride, int n
           const float q = static_cast<float>(bits);
           const float d = q * (kQuantum - q);
           const float g = ex2_approx(fmaf(q, p.m2_q, c0)) * d - k * d * (1.f / (kQuantum * kQuantum));
-          row_grad[target] = from_float<T>(g);
+          if constexpr (kE5M2) {
+            row_g8[target] = static_cast<uint8_t>(e5m2x2_of_bf16x2(pack2(g, 0.f, T{}), e5m2_scale));
+          } else {
+            row_grad[target] = from_float<T>(g);
+          }
         }
       }
       // Every thread is done with chunk c (its generic reads and writes ordered before the
@@ -598,11 +656,12 @@ StagedParams make_staged_params(const CapParams& c, int64_t kind, double scale) 
 }
 
 // Launches the staged kernel if the row fits in shared memory; false if it does not.
-template <typename T, int kKind>
+// kE5M2: g8 (e5m2 bits, row stride g8.stride(0)) receives the gradient instead of grad.
+template <typename T, int kKind, bool kE5M2 = false>
 bool launch_staged(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& grad_scale,
                    int64_t ignore_index, const StagedParams& p, at::Tensor& loss, at::Tensor& grad,
-                   bool need_grad, cudaStream_t stream) {
-  const auto kernel = softcap_ce_staged_kernel<T, kKind>;
+                   bool need_grad, cudaStream_t stream, at::Tensor* g8 = nullptr, float e5m2_scale = 1.f) {
+  const auto kernel = softcap_ce_staged_kernel<T, kKind, kE5M2>;
   const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
   const int64_t row_bytes = n_cols * static_cast<int64_t>(sizeof(T));
   int device = 0, max_smem = 0, sms = 0;
@@ -621,7 +680,8 @@ bool launch_staged(const at::Tensor& logits, const at::Tensor& targets, const at
   kernel<<<static_cast<unsigned>(grid), kStagedThreads, smem, stream>>>(
       logits.data_ptr<T>(), logits.stride(0), static_cast<int>(n_cols), static_cast<int>(n_rows),
       targets.data_ptr<int64_t>(), grad_scale.data_ptr<float>(), ignore_index, p, loss.data_ptr<float>(),
-      need_grad ? grad.data_ptr<T>() : nullptr, need_grad);
+      need_grad && !kE5M2 ? grad.data_ptr<T>() : nullptr, need_grad,
+      kE5M2 ? reinterpret_cast<uint8_t*>(g8->data_ptr()) : nullptr, kE5M2 ? g8->stride(0) : 0, e5m2_scale);
   return true;
 }
 
@@ -717,6 +777,48 @@ std::tuple<at::Tensor, at::Tensor> softcap_ce_forward(const at::Tensor& logits, 
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, grad};
+}
+
+// The fused FP8 head's loss pass: (per-row loss [N], g8 [N, pad16(V)] e5m2) from bf16 logits,
+// g8 = e5m2(bf16(bf16(dloss/dz) * grad_scale)) with the row factor *factor (1/count for a
+// mean, 1 for a sum; the upstream gradient is applied after the backward GEMMs).  Only the
+// staged kernel's case: a capped kind with the fixed reference, 16-byte aligned rows of a
+// multiple of 8 columns that fit in shared memory (the Python wrapper checks the same).
+std::tuple<at::Tensor, at::Tensor> softcap_ce_forward_e5m2(const at::Tensor& logits, const at::Tensor& targets,
+                                                           const at::Tensor& factor, double cap, int64_t kind,
+                                                           double scale, int64_t ignore_index, double grad_scale) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.stride(1) == 1 && logits.scalar_type() == at::kBFloat16,
+              "softcap_ce_forward_e5m2: logits must be a 2-D bf16 CUDA tensor with unit column stride");
+  TORCH_CHECK(targets.is_cuda() && targets.dim() == 1 && targets.size(0) == logits.size(0),
+              "softcap_ce_forward_e5m2: targets must be a CUDA tensor of shape [N]");
+  TORCH_CHECK(factor.is_cuda() && factor.scalar_type() == at::kFloat && factor.numel() == 1,
+              "softcap_ce_forward_e5m2: factor must be a 1-element fp32 CUDA tensor");
+  const CapParams p = make_cap_params(cap, kind, scale);
+  TORCH_CHECK((kind == kTanh || kind == kSigmoid) && p.fixed_reference,
+              "softcap_ce_forward_e5m2: needs kind tanh (cap <= 40) or sigmoid (cap <= 80)");
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  TORCH_CHECK(cols > 0 && cols % kPackElems == 0 && logits.stride(0) % kPackElems == 0 &&
+                  reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 && cols < (int64_t{1} << 30) &&
+                  rows < (int64_t{1} << 31),
+              "softcap_ce_forward_e5m2: rows must be 16-byte aligned with V a positive multiple of 8");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor targets64 = targets.to(at::kLong).contiguous();
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  at::Tensor g8 = at::empty({rows, (cols + 15) / 16 * 16}, logits.options().dtype(at::kFloat8_e5m2));
+  if (rows == 0) return {loss, g8};
+  const StagedParams staged = make_staged_params(p, kind, scale);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor no_grad = at::empty({0}, logits.options());
+  const at::Tensor f = factor.contiguous();
+  const float e5m2_scale = static_cast<float>(grad_scale);
+  const bool launched =
+      kind == kTanh ? launch_staged<at::BFloat16, kTanh, true>(logits, targets64, f, ignore_index, staged, loss,
+                                                               no_grad, true, stream, &g8, e5m2_scale)
+                    : launch_staged<at::BFloat16, kSigmoid, true>(logits, targets64, f, ignore_index, staged, loss,
+                                                                  no_grad, true, stream, &g8, e5m2_scale);
+  TORCH_CHECK(launched, "softcap_ce_forward_e5m2: a row of ", cols, " bf16 logits does not fit in shared memory");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, g8};
 }
 
 void softcap_ce_scale_rows_(at::Tensor& grad, const at::Tensor& factor) {

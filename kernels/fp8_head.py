@@ -15,12 +15,19 @@ Backends:
              interpreter, so it is tested on the CPU), casts and transposes in torch.
   reference  plain PyTorch (kernels/reference.py), on CPU tensors under "auto".
 
-The fused head + loss (fp8=True) never writes a bf16 logits gradient: the forward runs
-the FP8 GEMM and keeps the bf16 logits and per-row losses; the backward recomputes the
-gradient tile by tile from them with the real upstream gradient and writes it straight
-as scaled e5m2, row-major and transposed (ce_grad_e5m2), which the two backward GEMMs
-read.  Gradient bytes written: 2 per logit (e5m2 + its transpose) instead of 2 (bf16) +
-1 (cast) + 1 (transpose) and their re-reads on the record's path.
+The fused head + loss (fp8=True) never writes a bf16 logits gradient: it goes straight to
+scaled e5m2, row-major and transposed, which the two backward GEMMs read.  Gradient bytes
+written: 2 per logit (e5m2 + its transpose) instead of 2 (bf16) + 1 (cast) + 1
+(transpose) and their re-reads on the record's path.  For a scalar loss (mean, sum) the
+e5m2 gradient is that of upstream gradient 1, and the real upstream gradient multiplies
+dx and dW after the GEMMs (DESIGN.md §2.2), so it can be written before the upstream
+gradient exists:
+  cuda    the forward's loss pass (the staged softcap CE kernel, one read of y) also
+          writes g8, and a byte-transpose kernel g8^T; y is freed after the forward and
+          the backward is the two GEMMs.  Where the staged kernel does not apply
+          (_grad_in_forward) and for reduction="none", as triton:
+  triton  the forward keeps the bf16 logits and per-row losses; the backward recomputes
+          the gradient tile by tile from them and writes g8 and g8^T (ce_grad_e5m2).
 
 Where the forward's loss comes from:
   triton  the y GEMM's epilogue also writes, per row and tile of columns, the sum of
@@ -29,7 +36,8 @@ Where the forward's loss comes from:
           partials and the target logits into the row losses.  y is read once in all,
           by the backward's gradient pass, for any upstream gradient.
   cuda    the softcap CE loss kernel reads y once more (the hand-written GEMM's
-          epilogue does not compute the partials yet: bench/NOTES.md ## fp8_head).
+          epilogue does not compute the partials yet: bench/NOTES.md ## fp8_head); when
+          it writes g8 too (above), that is y's only read.
   kind=None (no fixed reference) takes the loss-kernel path on both backends.
 """
 from __future__ import annotations
@@ -351,6 +359,25 @@ _fp8_linear_fwd.register_autograd(_fp8_linear_backward, setup_context=_fp8_linea
 
 # ---- custom ops: the fused head + softcap cross-entropy -----------------------------------
 
+# The widest row the staged CE kernel holds in shared memory: 2 * V bytes plus its ~100
+# static bytes within Hopper's 227 KiB per block.
+STAGED_MAX_COLS = 112 * 1024
+
+
+def _grad_in_forward(backend, need_grad, reduction, cap, kind, v):
+    """Whether the forward's loss pass also writes the e5m2 gradient (cuda backend, scalar
+    reduction, the staged kernel's case: a fixed-reference kind, V a multiple of 8 that fits)."""
+    return (backend == "cuda" and need_grad and reduction != "none" and softcap_ce.fixed_reference(cap, kind)
+            and v % 8 == 0 and v <= STAGED_MAX_COLS)
+
+
+def _loss_factor(targets, ignore_index, reduction):
+    """dloss/drow_loss of a scalar reduction at upstream 1, [1] fp32 on the device (no sync)."""
+    if reduction == "mean":
+        return (1.0 / (targets != ignore_index).sum(dtype=torch.float32)).reshape(1)
+    return torch.ones((1,), device=targets.device, dtype=torch.float32)
+
+
 def _reduce(row_loss, targets, ignore_index, reduction):
     if reduction == "none":
         return row_loss.clone()
@@ -364,9 +391,20 @@ def _reduce(row_loss, targets, ignore_index, reduction):
 def _fp8_head_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, x_scale: float,
                      w_scale: float, grad_scale: float, cap: float, kind: str, scale: float, ignore_index: int, reduction: str,
                      need_grad: bool, backend: str
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, row_loss [N] fp32, logits [N, V] bf16 or [0], x8t, w8t) -- the last three for backward."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    """(loss, row_loss [N] fp32, logits [N, V] bf16 or [0], x8t, w8t, g8, g8t) -- the rest for
+    backward: g8 [N, pad16(V)] and g8t [V, pad16(N)] e5m2 (upstream 1) where _grad_in_forward,
+    and then logits is [0]; else g8 and g8t are [0] and the backward computes them from logits."""
     kind_or_none = None if kind == "none" else kind
+    if _grad_in_forward(backend, need_grad, reduction, cap, kind_or_none, weight.shape[0]):
+        y, x8t, w8t = _head_forward(x, weight, x_scale, w_scale, need_grad, backend)
+        row_loss, g8 = torch.ops.speedrun_cuda.softcap_ce_forward_e5m2(
+            y, targets, _loss_factor(targets, ignore_index, reduction), cap, softcap_ce.KIND_CODES[kind_or_none],
+            scale, ignore_index, grad_scale)
+        g8t = torch.ops.speedrun_cuda.fp8_transpose(g8, y.shape[1])
+        loss = _reduce(row_loss, targets, ignore_index, reduction)
+        return loss, row_loss, y.new_empty((0,)), x8t, w8t, g8, g8t
     if backend == "triton" and softcap_ce.fixed_reference(cap, kind_or_none):
         # The loss from the GEMM epilogue's partial sums: y is never read in the forward.
         (y, stats), x8t, w8t = _head_forward(x, weight, x_scale, w_scale, need_grad, backend,
@@ -379,7 +417,9 @@ def _fp8_head_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             row_loss = softcap_ce.softcap_cross_entropy(y, targets, cap=cap, kind=kind_or_none, scale=scale,
                                                         ignore_index=ignore_index, reduction="none")
     loss = _reduce(row_loss, targets, ignore_index, reduction)
-    return loss, row_loss, (y if need_grad else y.new_empty((0,))), x8t, w8t
+    # Two distinct empty tensors: a custom op's outputs may not alias each other.
+    return (loss, row_loss, (y if need_grad else y.new_empty((0,))), x8t, w8t, x.new_empty((0,), dtype=E5M2),
+            x.new_empty((0,), dtype=E5M2))
 
 
 @_fp8_head_ce_fwd.register_fake
@@ -388,47 +428,60 @@ def _fp8_head_ce_fwd_fake(x, weight, targets, x_scale, w_scale, grad_scale, cap,
     (n, k), v = x.shape, weight.shape[0]
     loss = x.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
     row_loss = x.new_empty((n,), dtype=torch.float32)
+    no_logits = x.new_empty((0,), dtype=torch.bfloat16)
+    no_g8 = (x.new_empty((0,), dtype=E5M2), x.new_empty((0,), dtype=E5M2))
     if not need_grad:
-        empty = x.new_empty((0,), dtype=E4M3)
-        return loss, row_loss, x.new_empty((0,), dtype=torch.bfloat16), empty, empty
-    return (loss, row_loss, x.new_empty((n, v), dtype=torch.bfloat16), _fake_fp8(k, n, x, E4M3, backend),
-            _fake_fp8(k, v, x, E4M3, backend))
+        return loss, row_loss, no_logits, x.new_empty((0,), dtype=E4M3), x.new_empty((0,), dtype=E4M3), *no_g8
+    x8t, w8t = _fake_fp8(k, n, x, E4M3, backend), _fake_fp8(k, v, x, E4M3, backend)
+    if _grad_in_forward(backend, need_grad, reduction, cap, None if kind == "none" else kind, v):
+        return loss, row_loss, no_logits, x8t, w8t, _fake_fp8(n, v, x, E5M2, backend), _fake_fp8(v, n, x, E5M2, backend)
+    return loss, row_loss, x.new_empty((n, v), dtype=torch.bfloat16), x8t, w8t, *no_g8
 
 
 @torch.library.custom_op("kernels::fp8_head_ce_bwd", mutates_args=())
 def _fp8_head_ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, row_loss: torch.Tensor, targets: torch.Tensor,
-                     x8t: torch.Tensor, w8t: torch.Tensor, x_scale: float, w_scale: float, grad_scale: float,
-                     cap: float, kind: str, scale: float, ignore_index: int, reduction: str,
-                     w_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    n, v = logits.shape
-    # Per-row factor of dloss/dlogits: the upstream gradient, over the kept count for a
-    # mean.  Computed on the device: no host sync.  Ignored rows are zeroed in the kernel.
-    upstream = grad_loss.to(torch.float32).reshape(-1)
-    if reduction == "mean":
-        upstream = upstream / (targets != ignore_index).sum(dtype=torch.float32)
-    g8, g8t = _CE_GRAD[backend](logits, targets, row_loss, upstream.contiguous(), cap,
-                                None if kind == "none" else kind, scale, ignore_index, grad_scale)
-    return _head_backward(g8, g8t, x8t, w8t, n, x8t.shape[0], v, x_scale, w_scale, grad_scale, w_dtype, backend)
+                     x8t: torch.Tensor, w8t: torch.Tensor, g8: torch.Tensor, g8t: torch.Tensor, x_scale: float,
+                     w_scale: float, grad_scale: float, cap: float, kind: str, scale: float, ignore_index: int,
+                     reduction: str, w_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # V from the tensors that exist: g8t [V, pad16(N)] when the forward wrote it, else the logits.
+    n, v, k = row_loss.shape[0], (g8t.shape[0] if g8.numel() else logits.shape[1]), x8t.shape[0]
+    if reduction == "none":
+        # Per-row upstream gradients go into the e5m2 gradient itself.  Ignored rows are
+        # zeroed in the kernel.
+        g8, g8t = _CE_GRAD[backend](logits, targets, row_loss, grad_loss.to(torch.float32).contiguous(), cap,
+                                    None if kind == "none" else kind, scale, ignore_index, grad_scale)
+        return _head_backward(g8, g8t, x8t, w8t, n, k, v, x_scale, w_scale, grad_scale, w_dtype, backend)
+    if g8.numel() == 0:  # not written by the forward (_grad_in_forward): from the kept logits
+        g8, g8t = _CE_GRAD[backend](logits, targets, row_loss, _loss_factor(targets, ignore_index, reduction), cap,
+                                    None if kind == "none" else kind, scale, ignore_index, grad_scale)
+    dx, dw = _head_backward(g8, g8t, x8t, w8t, n, k, v, x_scale, w_scale, grad_scale, w_dtype, backend)
+    # The scalar upstream gradient after the GEMMs (the contract, DESIGN.md §2.2), in place,
+    # one rounding per product: the softcap CE's row-scaling kernels, which skip a factor of
+    # exactly 1 on the device (loss.backward()): then no pass over dx and dW at all.
+    upstream = grad_loss.to(torch.float32).reshape(1)
+    softcap_ce._SCALE_ROWS[backend](dx, upstream)
+    softcap_ce._SCALE_ROWS[backend](dw, upstream)
+    return dx, dw
 
 
 @_fp8_head_ce_bwd.register_fake
-def _fp8_head_ce_bwd_fake(grad_loss, logits, row_loss, targets, x8t, w8t, x_scale, w_scale, grad_scale, cap, kind,
-                          scale, ignore_index, reduction, w_dtype, backend):
-    (n, v), k = logits.shape, x8t.shape[0]
-    return logits.new_empty((n, k), dtype=torch.bfloat16), logits.new_empty((v, k), dtype=w_dtype)
+def _fp8_head_ce_bwd_fake(grad_loss, logits, row_loss, targets, x8t, w8t, g8, g8t, x_scale, w_scale, grad_scale, cap,
+                          kind, scale, ignore_index, reduction, w_dtype, backend):
+    n, v, k = row_loss.shape[0], (g8t.shape[0] if g8.numel() else logits.shape[1]), x8t.shape[0]
+    return row_loss.new_empty((n, k), dtype=torch.bfloat16), row_loss.new_empty((v, k), dtype=w_dtype)
 
 
 def _fp8_head_ce_setup(ctx, inputs, output):
     (x, weight, targets, x_scale, w_scale, grad_scale, cap, kind, scale, ignore_index, reduction, _,
      backend) = inputs
-    ctx.save_for_backward(output[2], output[1], targets, output[3], output[4])
+    ctx.save_for_backward(output[2], output[1], targets, output[3], output[4], output[5], output[6])
     ctx.mark_non_differentiable(*output[1:])
     ctx.args = (x_scale, w_scale, grad_scale, cap, kind, scale, ignore_index, reduction, weight.dtype, backend)
 
 
 def _fp8_head_ce_backward(ctx, grad_loss, *_unused):
-    logits, row_loss, targets, x8t, w8t = ctx.saved_tensors
-    dx, dw = _fp8_head_ce_bwd(grad_loss.contiguous(), logits, row_loss, targets, x8t, w8t, *ctx.args)
+    logits, row_loss, targets, x8t, w8t, g8, g8t = ctx.saved_tensors
+    dx, dw = _fp8_head_ce_bwd(grad_loss.contiguous(), logits, row_loss, targets, x8t, w8t, g8, g8t, *ctx.args)
     return dx, dw, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -510,10 +563,12 @@ def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets:
     Returns:
         The loss in float32: a scalar, or [N] for reduction="none".
 
-    Gradients for x and weight (through the FP8 head's e5m2 gradient path when fp8).
-    Backends (fp8=True): cuda and triton run the fused head (module docstring): the bf16
-    logits are written once by the FP8 GEMM and kept for backward, whose gradient goes
-    straight to scaled e5m2; reference materializes fp32 and bf16 intermediates.
+    Gradients for x and weight (through the FP8 head's e5m2 gradient path when fp8; for
+    "mean" and "sum" the e5m2 gradient is that of upstream 1 and the upstream gradient
+    multiplies dx and dW after the GEMMs, so grad_scale must suit the upstream-1 gradient:
+    DESIGN.md §2.2).  Backends (fp8=True): cuda and triton run the fused head (module
+    docstring): the gradient goes straight to scaled e5m2, on cuda in the forward's loss
+    pass where it can; reference materializes fp32 and bf16 intermediates.
     fp8=False: x @ weight^T in x's dtype, then softcap_cross_entropy (its own backends).
     No host synchronization; traces under torch.compile(fullgraph=True).
     """

@@ -78,16 +78,74 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x8, w8 = ctx.saved_tensors
-        x_scale, w_scale, grad_scale = ctx.scales
-        x_dtype, w_dtype = ctx.dtypes
-        g8 = grad.mul(grad_scale).to(torch.float8_e5m2)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            # The record's _scaled_mm writes dx in bf16; the cast to x's dtype only matters
-            # for callers of the reference with other dtypes (the fp64 oracle).
-            dx = ((g8.float() @ w8.float()) / (grad_scale * w_scale)).to(torch.bfloat16).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = ((g8.float().T @ x8.float()) / (grad_scale * x_scale)).to(w_dtype)
+        dx, dw = _fp8_linear_grads(grad, x8, w8, ctx.scales, ctx.dtypes, ctx.needs_input_grad[:2])
+        return dx, dw, None, None, None
+
+
+def _fp8_linear_grads(grad, x8, w8, scales, dtypes, needs):
+    """(dx, dW) of the FP8 head from the logits' gradient (None where not needs)."""
+    x_scale, w_scale, grad_scale = scales
+    x_dtype, w_dtype = dtypes
+    g8 = grad.mul(grad_scale).to(torch.float8_e5m2)
+    dx = dw = None
+    if needs[0]:
+        # The record's _scaled_mm writes dx in bf16; the cast to x's dtype only matters
+        # for callers of the reference with other dtypes (the fp64 oracle).
+        dx = ((g8.float() @ w8.float()) / (grad_scale * w_scale)).to(torch.bfloat16).to(x_dtype)
+    if needs[1]:
+        dw = ((g8.float().T @ x8.float()) / (grad_scale * x_scale)).to(w_dtype)
+    return dx, dw
+
+
+def _softcap_ce_logits_grad(logits, targets, cap, kind, scale, ignore_index, reduction):
+    """d(loss)/d(logits) of softcap_cross_entropy's scalar reduction at upstream gradient 1,
+    in logits' dtype: (softmax(s) - onehot(t)) * ds/dz times 1/count (mean) or 1 (sum) on a
+    kept row, 0 on an ignored row, NaN on a row whose target is out of [0, V)."""
+    v = logits.shape[1]
+    s = softcap(logits.to(_compute_dtype(logits.dtype)), cap, kind, scale)
+    if kind == "tanh":
+        dsdz = 1 - (s / cap) ** 2
+    elif kind == "sigmoid":
+        dsdz = s * (1 - s / cap) / scale  # (cap / scale) * sigmoid * (1 - sigmoid)
+    else:
+        dsdz = torch.ones_like(s)
+    targets = targets.long()
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < v)
+    onehot = torch.nn.functional.one_hot(torch.where(in_range, targets, 0), v).to(s.dtype) * in_range[:, None]
+    per_row = 1 / valid.sum() if reduction == "mean" else 1.0
+    factor = torch.where(valid, torch.where(in_range, per_row, float("nan")), 0.0).to(s.dtype)
+    return ((torch.softmax(s, dim=1) - onehot) * dsdz * factor[:, None]).to(logits.dtype)
+
+
+class _FP8HeadScalarLoss(torch.autograd.Function):
+    """The fused FP8 head's scalar loss (reduction "mean" or "sum"), with its contract's
+    backward: the logits' gradient is quantized to e5m2 at upstream gradient 1, and the
+    upstream gradient u multiplies dx and dW after the GEMMs, each product rounded to the
+    gradient's dtype once (exact for u = 1).  So the e5m2 gradient can be written before u
+    exists (kernels/fp8_head.py writes it in the loss pass).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, scales, ce_args):
+        x_scale, w_scale, _ = scales
+        x8 = x.mul(x_scale).to(torch.float8_e4m3fn)
+        w8 = weight.mul(w_scale).to(torch.float8_e4m3fn)
+        logits = ((x8.float() @ w8.float().T) / (x_scale * w_scale)).to(torch.bfloat16)
+        ctx.save_for_backward(x8, w8, logits, targets)
+        ctx.scales, ctx.ce_args, ctx.dtypes = scales, ce_args, (x.dtype, weight.dtype)
+        cap, kind, scale, ignore_index, reduction = ce_args
+        return softcap_cross_entropy(logits, targets, cap=cap, kind=kind, scale=scale,
+                                     ignore_index=ignore_index, reduction=reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, w8, logits, targets = ctx.saved_tensors
+        g = _softcap_ce_logits_grad(logits, targets, *ctx.ce_args)
+        dx, dw = _fp8_linear_grads(g, x8, w8, ctx.scales, ctx.dtypes, ctx.needs_input_grad[:2])
+        upstream = grad.to(torch.float32)  # 0-dim: each product keeps the gradient's dtype
+        dx = None if dx is None else (dx * upstream).to(dx.dtype)
+        dw = None if dw is None else (dw * upstream).to(dw.dtype)
         return dx, dw, None, None, None
 
 
@@ -109,7 +167,17 @@ def linear_softcap_cross_entropy(x, weight, targets, *, fp8=True, x_scale=2.0, w
 
     head = fp8_linear with the given scales if fp8, else x @ weight^T in x's dtype (weight
     cast to x's dtype).  The [N, V] logits are materialized here.
+
+    fp8 with reduction "mean" or "sum": the backward quantizes the logits' gradient at
+    upstream gradient 1, g8 = e5m2(bf16(bf16(dloss/dz) * grad_scale)) with dloss/dz of the
+    mean (1/count) or sum, and the upstream gradient u multiplies dx and dW after the
+    GEMMs: dx = bf16(dx_1 * u), dW = w_dtype(dW_1 * u) (exact for u = 1, the training
+    case; otherwise one more rounding of each).  reduction "none" quantizes the gradient
+    with the per-row upstream gradients folded in, as plain autograd does.
     """
+    if fp8 and reduction != "none":
+        return _FP8HeadScalarLoss.apply(x, weight, targets, (x_scale, w_scale, grad_scale),
+                                        (cap, kind, scale, ignore_index, reduction))
     if fp8:
         logits = fp8_linear(x, weight, x_scale=x_scale, w_scale=w_scale, grad_scale=grad_scale)
     else:

@@ -226,26 +226,62 @@ def test_fp8_linear_out_of_range_follows_the_casts():
     assert torch.isinf(dw[0]).all() and torch.isfinite(dw[1:]).all()
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_softcap_ce_with_fp8_is_the_composition(reduction):
+def test_linear_softcap_ce_with_fp8_is_the_composition_for_reduction_none():
     x, weight, _ = head_inputs(21, 64, 93, torch.float32, seed=14)
     targets = torch.randint(0, 93, (21,), generator=generator(15))
     targets[3] = -100
-    # grad_scale = 2**19 is sized for a mean over ~50k tokens (logit gradients <= ~2e-5):
-    # with 21 rows the gradient must be scaled down to stay inside e5m2's range (57344).
-    upstream = torch.randn(21, generator=generator(16)) if reduction == "none" else torch.tensor(1.0)
-    upstream = upstream * 1e-4
+    # Per-row upstream gradients go into the e5m2 gradient, as plain autograd: sized down so
+    # that grad * 2**19 stays inside e5m2's range (57344).
+    upstream = torch.randn(21, generator=generator(16)) * 1e-4
 
     def composed(a, b):
-        return reference.softcap_cross_entropy(reference.fp8_linear(a, b), targets, reduction=reduction)
+        return reference.softcap_cross_entropy(reference.fp8_linear(a, b), targets, reduction="none")
 
     loss, *grads = forward_backward(reference.linear_softcap_cross_entropy, [x, weight], upstream,
-                                   targets=targets, reduction=reduction)
+                                   targets=targets, reduction="none")
     expected, *expected_grads = forward_backward(composed, [x, weight], upstream)
     assert torch.equal(loss, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
     assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
     assert all(torch.isfinite(g).all() and (g != 0).any() for g in grads)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_linear_softcap_ce_with_fp8_scalar_loss_applies_the_upstream_after_the_gemms(reduction, w_dtype):
+    x, weight, _ = head_inputs(21, 64, 93, w_dtype, seed=14)
+    targets = torch.randint(0, 93, (21,), generator=generator(15))
+    targets[3] = -100
+    # e5m2 quantizes the upstream-1 gradient (<= 1/20 per logit for the mean): 2**12 keeps it
+    # inside e5m2's range, as 2**19 does for the record's mean over ~50k tokens.
+    kwargs = dict(targets=targets, reduction=reduction, grad_scale=2.0**12)
+    u = torch.tensor(0.37)
+    loss, *grads = forward_backward(reference.linear_softcap_cross_entropy, [x, weight], u, **kwargs)
+    loss_1, *grads_1 = forward_backward(reference.linear_softcap_cross_entropy, [x, weight], torch.tensor(1.0),
+                                        **kwargs)
+    assert torch.equal(loss, loss_1)
+    # The contract: the gradients at upstream 1, times u, rounded once to their dtype ...
+    for g, g1 in zip(grads, grads_1):
+        assert g.dtype == g1.dtype and torch.equal(g, (g1 * u).to(g1.dtype))
+    assert (grads[0][3] == 0).all() and all(torch.isfinite(g).all() and (g != 0).any() for g in grads)
+    # ... which differs from quantizing u * dloss/dlogits (plain autograd): e5m2 rounds
+    # the scaled values elsewhere.
+    def composed(a, b, grad_scale=2.0**12):
+        logits = reference.fp8_linear(a, b, grad_scale=grad_scale)
+        return reference.softcap_cross_entropy(logits, targets, reduction=reduction)
+
+    _, *plain_u = forward_backward(composed, [x, weight], u)
+    assert not torch.equal(grads[1], plain_u[1])
+    # At upstream 1 it is the plain composition up to the fp32 rounding order of
+    # dloss/dlogits: through bf16 and e5m2 (2 mantissa bits) that flips a rare rounding.
+    _, *plain_1 = forward_backward(composed, [x, weight], torch.tensor(1.0))
+    assert rel_err(grads_1[0], plain_1[0]) < 2e-2 and rel_err(grads_1[1], plain_1[1]) < 2e-2
+    # A target out of [0, V): NaN loss and NaN gradient on its row, as softcap_cross_entropy.
+    bad = targets.clone()
+    bad[5] = 93
+    loss, dx, _ = forward_backward(reference.linear_softcap_cross_entropy, [x, weight], u,
+                                   **{**kwargs, "targets": bad})
+    assert loss.isnan() and dx[5].isnan().all() and torch.isfinite(dx[torch.arange(21) != 5]).all()
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "tanh", None])

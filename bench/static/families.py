@@ -110,7 +110,7 @@ def softcap_ce() -> Op:
         Kernel("cuda softcap_ce_staged<bf16,sigmoid>",
                "forward+gradient (v2), row staged in shared memory by bulk copy (one read), persistent grid",
                "cuda", threads=constants["kStagedThreads"], ctas=staged_ctas, source="softcap_ce.cu",
-               symbol="softcap_ce_staged_kernelIN3c108BFloat16ELi2E", dynamic_smem=2 * v,
+               symbol="softcap_ce_staged_kernelIN3c108BFloat16ELi2ELb0E", dynamic_smem=2 * v,
                per_element=("shared_loops", constants["kPackElems"]), elements=n * v),
         Kernel(f"cuda softcap_ce_cached<bf16,{loads}>",
                "forward+gradient (v1), row cached in registers (one read): the fallback for uncapped kinds "
@@ -141,6 +141,7 @@ def fp8_head() -> Op:
     bench = _bench("fp8_head")
     m = TOKENS
     c = csrc_constants("fp8_head.cu")
+    ce = csrc_constants("softcap_ce.cu")
     fp8 = importlib.import_module("kernels.fp8_head")
     cdiv = triton.cdiv
 
@@ -207,8 +208,20 @@ def fp8_head() -> Op:
         cast("fp32", "f", True, m, V, "an fp32 gradient or input cast to e5m2", False),
         cast("fp16", "N3c104HalfE", False, m, D, "fp16 input cast to e4m3", False),
         cast("fp16", "N3c104HalfE", True, m, V, "fp16 gradient cast to e5m2", False),
-        Kernel("cuda ce_grad_e5m2", "loss gradient straight to e5m2 (g8 and g8^T)", "cuda",
-               threads=c["kCastThreads"], ctas=cast_ctas, source="fp8_head.cu", symbol="ce_grad_e5m2_kernel"),
+        Kernel("cuda softcap_ce_staged<bf16,sigmoid,e5m2>",
+               "the fused head's loss pass (mean/sum): loss and g8 (e5m2, upstream 1) in the one read of y, "
+               "row staged in shared memory, 2 CTAs/SM", "cuda", threads=ce["kStagedThreads"],
+               ctas=min(m, 2 * hopper.SMS), source="softcap_ce.cu",
+               symbol="softcap_ce_staged_kernelIN3c108BFloat16ELi2ELb1E", dynamic_smem=2 * V,
+               per_element=("shared_loops", ce["kPackElems"]), elements=m * V),
+        Kernel("cuda transpose_bytes", "g8 -> g8^T for the dW GEMM: 64x64 tiles, 16-byte loads and stores",
+               "cuda", threads=c["kTransposeThreads"],
+               ctas=cdiv(m, c["kTransposeTile"]) * cdiv(V, c["kTransposeTile"]), source="fp8_head.cu",
+               symbol="transpose_bytes_kernel"),
+        Kernel("cuda ce_grad_e5m2", "loss gradient straight to e5m2 (g8 and g8^T) in the backward: "
+               "reduction='none', or where the staged loss pass does not apply", "cuda",
+               threads=c["kCastThreads"], ctas=cast_ctas, source="fp8_head.cu", symbol="ce_grad_e5m2_kernel",
+               runs_in_speedrun=False),
         triton_gemm("triton _fp8_gemm_kernel (y)", "*fp8e4nv", "*bf16", m, V, D, 2.0 ** -10, None),
         triton_gemm("triton _fp8_gemm_kernel (dx, promoted)", "*fp8e5", "*bf16", m, D, V, 2.0 ** -28,
                     fp8.PROMOTE_K),
