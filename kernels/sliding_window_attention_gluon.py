@@ -30,11 +30,14 @@ the tile-language kernel and the reference, and it is used only when asked for
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels import sliding_window_attention as swa
+# The module (kernels/__init__.py exports the op of the same name as an attribute of kernels).
+swa = importlib.import_module("kernels.sliding_window_attention")
 
 try:  # Gluon's Hopper API as triton 3.6 and 3.8 both spell it
     from triton.experimental import gluon
@@ -93,7 +96,7 @@ if AVAILABLE:
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["window"])
     def _gluon_fwd(q_desc, k_desc, v_desc, doc_ptr, order_ptr, ranges_ptr, o_ptr, lse_ptr,
                    T, window, scale_log2, stride_ob, stride_ot, stride_oh, stride_docb,
                    HAS_DOCS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -223,3 +226,56 @@ if AVAILABLE:
         lse = m_i + gl.log2(l_i)
         lse_rows = (batch.to(gl.int64) * gl.num_programs(0) + head) * T + q_pos
         gl.store(lse_ptr + lse_rows, lse, mask=q_pos < T)
+
+
+# ---- launcher ----------------------------------------------------------------------------
+
+def unusable_reason(q: torch.Tensor) -> str | None:
+    """Why the Gluon forward cannot run on q's device here, or None when it can."""
+    if not AVAILABLE:
+        return f"triton {triton.__version__} has no Gluon Hopper API (triton.experimental.gluon, 3.6+)"
+    if q.device.type != "cuda":
+        return "it runs on CUDA tensors only (Gluon has no interpreter)"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "it is written for Hopper (sm_90) wgmma"
+    return None
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """Gluon TMA descriptor of a [B, T, H, D] tensor in [1, rows, D] tiles of its [B, T, H * D]
+    view; layouts TMA cannot read in place are copied once (as swa._descriptor)."""
+    plain = swa._descriptor(t, rows)  # the checks and the copy live there, written once
+    element = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(plain.block_shape, element)
+    return GluonTensorDescriptor(plain.base, plain.shape, plain.strides, plain.block_shape, layout)
+
+
+def forward(q, k, v, doc_ids, window, scale, block_size=1):
+    """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 base 2): swa._forward's results, from the Gluon kernel."""
+    reason = unusable_reason(q)
+    if reason is not None:
+        raise RuntimeError(f"the Gluon attention forward cannot run here: {reason}")
+    batch, length, heads, head_dim = q.shape
+    block_m, block_n = CONFIG["BLOCK_M"], CONFIG["BLOCK_N"]
+    blocks = triton.cdiv(length, block_m)
+    if blocks > swa.MAX_GRID_Y:
+        raise ValueError(f"T = {length} is too long: {blocks} blocks of a launch exceed the grid's {swa.MAX_GRID_Y}")
+    out = swa._new_output((batch, length, heads, head_dim), q.dtype, q.device)
+    lse = swa._new_output((batch, heads, length), torch.float32, q.device)
+    docs, doc_stride, has_docs = swa._doc_args(doc_ids, q.device)
+    kernel_window = swa._kernel_window(window, length, block_size)
+    ranges = swa._new_output((batch, blocks, 4), torch.int32, q.device)
+    _fwd_ranges[(blocks, batch)](docs, ranges, length, kernel_window, doc_stride, HAS_DOCS=has_docs,
+                                 BLOCK_M=block_m, BLOCK_N=block_n, SCAN=swa.SCAN_CHUNK, WINDOW_BLOCK=block_size,
+                                 num_warps=4)
+    if swa.LONGEST_FIRST:  # the ranges give each block's work: no separate _block_work launch
+        work = ranges[:, :, 3] - ranges[:, :, 0]
+        order = torch.argsort(work, dim=1, descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(blocks, dtype=torch.int32, device=q.device).repeat(batch, 1)
+    _gluon_fwd[(heads, blocks, batch)](
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), docs, order, ranges, out, lse,
+        length, kernel_window, scale * swa.LOG2_E, *out.stride()[:3], doc_stride,
+        HAS_DOCS=has_docs, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW_BLOCK=block_size,
+        num_warps=CONFIG["num_warps"])
+    return out, lse
