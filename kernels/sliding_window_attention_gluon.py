@@ -250,6 +250,27 @@ def _descriptor(t: torch.Tensor, rows: int):
     return GluonTensorDescriptor(plain.base, plain.shape, plain.strides, plain.block_shape, layout)
 
 
+def ranges_and_order(docs, doc_stride, has_docs, batch, length, kernel_window, block_size, device,
+                     block_m=CONFIG["BLOCK_M"], block_n=CONFIG["BLOCK_N"]):
+    """([B, blocks, 4] int32 key-block ranges per query block, [B, blocks] int32 launch order).
+
+    One small Triton kernel (it runs in the interpreter too): the ranges the Gluon forward
+    walks, whose lengths are each block's work, so the longest-first order needs no
+    _block_work launch of its own.
+    """
+    blocks = triton.cdiv(length, block_m)
+    if blocks > swa.MAX_GRID_Y:
+        raise ValueError(f"T = {length} is too long: {blocks} blocks of a launch exceed the grid's {swa.MAX_GRID_Y}")
+    ranges = swa._new_output((batch, blocks, 4), torch.int32, device)
+    _fwd_ranges[(blocks, batch)](docs, ranges, length, kernel_window, doc_stride, HAS_DOCS=has_docs,
+                                 BLOCK_M=block_m, BLOCK_N=block_n, SCAN=swa.SCAN_CHUNK, WINDOW_BLOCK=block_size,
+                                 num_warps=4)
+    if not swa.LONGEST_FIRST:
+        return ranges, torch.arange(blocks, dtype=torch.int32, device=device).repeat(batch, 1)
+    work = ranges[:, :, 3] - ranges[:, :, 0]
+    return ranges, torch.argsort(work, dim=1, descending=True, stable=True).to(torch.int32)
+
+
 def forward(q, k, v, doc_ids, window, scale, block_size=1):
     """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 base 2): swa._forward's results, from the Gluon kernel."""
     reason = unusable_reason(q)
@@ -257,23 +278,12 @@ def forward(q, k, v, doc_ids, window, scale, block_size=1):
         raise RuntimeError(f"the Gluon attention forward cannot run here: {reason}")
     batch, length, heads, head_dim = q.shape
     block_m, block_n = CONFIG["BLOCK_M"], CONFIG["BLOCK_N"]
-    blocks = triton.cdiv(length, block_m)
-    if blocks > swa.MAX_GRID_Y:
-        raise ValueError(f"T = {length} is too long: {blocks} blocks of a launch exceed the grid's {swa.MAX_GRID_Y}")
     out = swa._new_output((batch, length, heads, head_dim), q.dtype, q.device)
     lse = swa._new_output((batch, heads, length), torch.float32, q.device)
     docs, doc_stride, has_docs = swa._doc_args(doc_ids, q.device)
     kernel_window = swa._kernel_window(window, length, block_size)
-    ranges = swa._new_output((batch, blocks, 4), torch.int32, q.device)
-    _fwd_ranges[(blocks, batch)](docs, ranges, length, kernel_window, doc_stride, HAS_DOCS=has_docs,
-                                 BLOCK_M=block_m, BLOCK_N=block_n, SCAN=swa.SCAN_CHUNK, WINDOW_BLOCK=block_size,
-                                 num_warps=4)
-    if swa.LONGEST_FIRST:  # the ranges give each block's work: no separate _block_work launch
-        work = ranges[:, :, 3] - ranges[:, :, 0]
-        order = torch.argsort(work, dim=1, descending=True, stable=True).to(torch.int32)
-    else:
-        order = torch.arange(blocks, dtype=torch.int32, device=q.device).repeat(batch, 1)
-    _gluon_fwd[(heads, blocks, batch)](
+    ranges, order = ranges_and_order(docs, doc_stride, has_docs, batch, length, kernel_window, block_size, q.device)
+    _gluon_fwd[(heads, order.shape[1], batch)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), docs, order, ranges, out, lse,
         length, kernel_window, scale * swa.LOG2_E, *out.stride()[:3], doc_stride,
         HAS_DOCS=has_docs, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW_BLOCK=block_size,
