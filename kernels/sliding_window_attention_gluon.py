@@ -196,8 +196,10 @@ if AVAILABLE:
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, q_docs, doc_row, (block + 1) * BLOCK_N, T,
                                                window, scale_log2, masked, HAS_DOCS, WINDOW_BLOCK, BLOCK_N,
                                                col_layout)
-            p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            # Only now may P(block + 1) take the registers of P(block), the A operand that
+            # PV(block) read until the wait (converted earlier, ptxas waits for all first).
+            p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
             # PV(block) done: its V buffer takes V(block + 2).
             mbarrier.expect(v_bar.index(buf), tile_bytes, pred=fetch)
             tma.async_copy_global_to_shared(v_desc, [batch, (block + 2) * BLOCK_N, col0], v_bar.index(buf),
