@@ -76,12 +76,12 @@ def _fwd_ranges(doc_ptr, ranges_ptr, T, window, stride_docb, HAS_DOCS: tl.conste
 if AVAILABLE:
 
     @gluon.jit
-    def _softmax_step(s, m_i, l_i, q_pos, q_docs, doc_row, n0, T, window, scale_log2, masked,
+    def _softmax_step(s, m_i, l_i, q_pos, q_docs, doc_row, n0, T, window, scale_log2, MASKED: gl.constexpr,
                       HAS_DOCS: gl.constexpr, WINDOW_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
                       COL_LAYOUT: gl.constexpr):
         """Online-softmax update for one score tile: (p in fp32, alpha, new max, new sum).
-        `masked` (run time): the block is partial, evaluate the exact mask."""
-        if masked:
+        MASKED: the block is partial, evaluate the exact mask."""
+        if MASKED:
             k_pos = n0 + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
             ok = (k_pos[None, :] <= q_pos[:, None]) & (
                 k_pos[None, :] >= (q_pos[:, None] // WINDOW_BLOCK + 1) * WINDOW_BLOCK - window)
@@ -95,6 +95,51 @@ if AVAILABLE:
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _steps(block_lo, block_hi, first, end, state, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc,
+               batch, col0, s_zero, q_pos, q_docs, doc_row, T, window, scale_log2, MASKED: gl.constexpr,
+               HAS_DOCS: gl.constexpr, WINDOW_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+               COL_LAYOUT: gl.constexpr, OROW_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr):
+        """Steps block_lo .. block_hi - 1 of the forward's pipeline; state = (P(block_lo) in the PV
+        operand layout, its alpha, row max, row sum, O), with no wgmma in flight in or out.
+
+        Step `block`: S(block + 1) and PV(block) are issued back to back, then the softmax of
+        S(block + 1) (MASKED: evaluate the mask) runs while PV(block) is still on the tensor
+        cores.  Every wgmma is complete at the end of a step, so nothing in flight crosses the
+        loop's back edge (ptxas serializes every wgmma of a kernel otherwise).
+        """
+        p, alpha, m_i, l_i, acc = state
+        tile_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+        for block in range(block_lo, block_hi):
+            step = block - first
+            buf = step % 2
+            nxt = 1 - buf
+            # K(block + 2) into this block's K buffer (S(block) completed in the step before).
+            fetch = block + 2 < end
+            mbarrier.expect(k_bar.index(buf), tile_bytes, pred=fetch)
+            tma.async_copy_global_to_shared(k_desc, [batch, (block + 2) * BLOCK_N, col0], k_bar.index(buf),
+                                            k_smem.index(buf), pred=fetch)
+            mbarrier.wait(k_bar.index(nxt), ((step + 1) // 2) & 1)
+            s = warpgroup_mma(q_tile, k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
+            acc = acc * gl.convert_layout(alpha, OROW_LAYOUT)[:, None]
+            mbarrier.wait(v_bar.index(buf), (step // 2) & 1)
+            acc = warpgroup_mma(p, v_smem.index(buf).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            # The softmax wait: S(block + 1) done, PV(block) still in flight.
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            p_next, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, q_docs, doc_row, (block + 1) * BLOCK_N, T,
+                                                    window, scale_log2, MASKED, HAS_DOCS, WINDOW_BLOCK, BLOCK_N,
+                                                    COL_LAYOUT)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            # Only now may P(block + 1) take the registers of P(block), the A operand that
+            # PV(block) read until the wait.
+            p = gl.convert_layout(p_next.to(q_tile.dtype), P_LAYOUT)
+            # PV(block) done: its V buffer takes V(block + 2).
+            mbarrier.expect(v_bar.index(buf), tile_bytes, pred=fetch)
+            tma.async_copy_global_to_shared(v_desc, [batch, (block + 2) * BLOCK_N, col0], v_bar.index(buf),
+                                            v_smem.index(buf), pred=fetch)
+        return p, alpha, m_i, l_i, acc
 
     @gluon.jit(do_not_specialize=["window"])
     def _gluon_fwd(q_desc, k_desc, v_desc, doc_ptr, order_ptr, ranges_ptr, o_ptr, lse_ptr,
@@ -164,46 +209,28 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
-        masked = (first < full_first) | (first >= full_end)
+        # The first block is masked even when full (rare; the mask then changes nothing).
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, q_docs, doc_row, first * BLOCK_N, T, window,
-                                           scale_log2, masked, HAS_DOCS, WINDOW_BLOCK, BLOCK_N, col_layout)
+                                           scale_log2, True, HAS_DOCS, WINDOW_BLOCK, BLOCK_N, col_layout)
         p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
 
-        # Step `block`: P(block) is ready.  S(block + 1) and PV(block) are issued back to back,
-        # then the softmax of S(block + 1) runs while PV(block) is still on the tensor cores.
-        # Every wgmma is complete at the end of a step, so nothing in flight crosses the loop's
-        # back edge (ptxas serializes all wgmma of a kernel when it cannot prove that no other
-        # instruction reads an accumulator in flight).
-        for block in range(first, end - 1):
-            step = block - first
-            buf = step % 2
-            nxt = 1 - buf
-            # K(block + 2) into this block's K buffer (S(block) completed in the step before).
-            fetch = block + 2 < end
-            mbarrier.expect(k_bar.index(buf), tile_bytes, pred=fetch)
-            tma.async_copy_global_to_shared(k_desc, [batch, (block + 2) * BLOCK_N, col0], k_bar.index(buf),
-                                            k_smem.index(buf), pred=fetch)
-            mbarrier.wait(k_bar.index(nxt), ((step + 1) // 2) & 1)
-            s = warpgroup_mma(q_tile, k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                              use_acc=False, is_async=True)
-            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
-            mbarrier.wait(v_bar.index(buf), (step // 2) & 1)
-            acc = warpgroup_mma(p, v_smem.index(buf).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            # The softmax wait: S(block + 1) done, PV(block) still in flight.
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            masked = (block + 1 < full_first) | (block + 1 >= full_end)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, q_docs, doc_row, (block + 1) * BLOCK_N, T,
-                                               window, scale_log2, masked, HAS_DOCS, WINDOW_BLOCK, BLOCK_N,
-                                               col_layout)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            # Only now may P(block + 1) take the registers of P(block), the A operand that
-            # PV(block) read until the wait (converted earlier, ptxas waits for all first).
-            p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
-            # PV(block) done: its V buffer takes V(block + 2).
-            mbarrier.expect(v_bar.index(buf), tile_bytes, pred=fetch)
-            tma.async_copy_global_to_shared(v_desc, [batch, (block + 2) * BLOCK_N, col0], v_bar.index(buf),
-                                            v_smem.index(buf), pred=fetch)
+        # The steps, in three loops by whether the block whose softmax they run is partial
+        # (masked) or full: a run-time branch on that inside the loop made ptxas hoist the
+        # wait for PV above the exponentials (to the branches' join), ending the overlap.
+        state = (p, alpha, m_i, l_i, acc)
+        masked_end = gl.maximum(full_first - 1, first)
+        full_stop = gl.maximum(full_end - 1, first)
+        state = _steps(first, masked_end, first, end, state, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc,
+                       batch, col0, s_zero, q_pos, q_docs, doc_row, T, window, scale_log2, True, HAS_DOCS,
+                       WINDOW_BLOCK, BLOCK_N, HEAD_DIM, col_layout, orow_layout, p_layout)
+        state = _steps(masked_end, full_stop, first, end, state, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc,
+                       v_desc, batch, col0, s_zero, q_pos, q_docs, doc_row, T, window, scale_log2, False, HAS_DOCS,
+                       WINDOW_BLOCK, BLOCK_N, HEAD_DIM, col_layout, orow_layout, p_layout)
+        state = _steps(full_stop, end - 1, first, end, state, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc,
+                       batch, col0, s_zero, q_pos, q_docs, doc_row, T, window, scale_log2, True, HAS_DOCS,
+                       WINDOW_BLOCK, BLOCK_N, HEAD_DIM, col_layout, orow_layout, p_layout)
+        p, alpha, m_i, l_i, acc = state
 
         # The last block's PV.
         step = end - 1 - first
