@@ -90,7 +90,8 @@ if AVAILABLE:
                 ok = ok & (q_docs[:, None] == k_docs[None, :])
             s = gl.where(ok, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)
-        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet: no NaN
+        if MASKED:  # a row may have seen nothing yet: shift by 0, not -inf (no NaN)
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(s * scale_log2 - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
