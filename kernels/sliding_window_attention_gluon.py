@@ -89,6 +89,14 @@ if AVAILABLE:
                 k_docs = gl.load(doc_row + gl.minimum(k_pos, T - 1))
                 ok = ok & (q_docs[:, None] == k_docs[None, :])
             s = gl.where(ok, s, float("-inf"))
+        elif HAS_DOCS:
+            # A full block lies in the rows' document, so this changes nothing.  It is here for
+            # ptxas: without it (as without documents) ptxas hoists the wait for PV above the
+            # exponentials of full blocks, and only masked blocks overlap the two
+            # (tests/test_static.py reads the order in the SASS).
+            k_pos = n0 + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
+            k_docs = gl.load(doc_row + gl.minimum(k_pos, T - 1))
+            s = gl.where(q_docs[:, None] == k_docs[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)
         if MASKED:  # a row may have seen nothing yet: shift by 0, not -inf (no NaN)
             m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
