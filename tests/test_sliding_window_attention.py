@@ -700,9 +700,11 @@ def test_python_m_kernels_names_the_attention_forward(monkeypatch, capsys):
 
 @pytest.mark.skipif(not swa_gluon.AVAILABLE, reason="this triton has no Gluon Hopper API")
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_gluon_forward_compiles_for_sm90_with_the_softmax_wait_leaving_one_group(head_dim):
-    # The PTX keeps one wgmma group in flight at the softmax wait (wait_group 1); ptxas then
-    # either honours it or serializes every wgmma: tests/test_static.py reads the SASS.
+def test_gluon_forward_compiles_for_sm90_with_the_softmax_wait_leaving_one_group(head_dim, tmp_path):
+    # The PTX keeps one wgmma group in flight at the softmax wait (wait_group 1), and ptxas
+    # kept it: in each of the three key-block loops exactly the waits [1, 0] (a ptxas that
+    # serializes the wgmma puts a wait 0 after every one).  Where the exponentials land
+    # between them is read for the main stack's build in tests/test_static.py.
     config = dict(swa_gluon.CONFIG)
     warps = config.pop("num_warps")
     desc = {arg: f"gluon_tensordesc<bf16[1, {config[block]}, {head_dim}]>"
@@ -712,11 +714,20 @@ def test_gluon_forward_compiles_for_sm90_with_the_softmax_wait_leaving_one_group
                      "lse_ptr": "*fp32", "T": 4096, "window": 1792, "scale_log2": 0.17, "stride_ob": 4096 * 768,
                      "stride_ot": 768, "stride_oh": head_dim, "stride_docb": 4096, "HAS_DOCS": True,
                      "HEAD_DIM": head_dim, "WINDOW_BLOCK": 1, **config}}
-    compiled, = compile_for_hopper([spec])
+    compiled, = compile_for_hopper([spec], cubin_dir=str(tmp_path))
     ptx = compiled["ptx"]
     assert compiled["cubin_bytes"] > 0 and ".target sm_90" in ptx
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
     assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    from bench.static import sass
+    instrs = sass.code(sass.sass(compiled["cubin_path"])[compiled["name"]])
+    last_exit = max(i.addr for i in instrs if i.base == "EXIT")  # try-wait retry loops sit after it
+    loops = [span for span in sass.loops(instrs) if span[1] < last_exit
+             and any(i.base == "HGMMA" for i in sass.within(instrs, span))]
+    assert len(loops) == 3, loops
+    for span in loops:
+        waits = [int(i.operands[-1], 0) for i in sass.within(instrs, span) if i.op.startswith("WARPGROUP.DEPBAR")]
+        assert waits == [1, 0], (span, waits)
     assert "window" not in compiled["specialized_to_constexpr"] and "window" in compiled["signature"]
 
 
