@@ -18,6 +18,10 @@ Implementations:
                the same kernels launched in position order instead of longest work
                first (kernels.sliding_window_attention.LONGEST_FIRST = False): whether
                the order pays for its small kernel and sort per launch.
+  ours-gluon-fwd
+               ours-triton with the Gluon forward (kernels.sliding_window_attention.FORWARD
+               = "gluon": a wgmma group in flight across the softmax; the backward is the
+               same); Hopper only.  Checked like ours-triton before it is timed.
   flex         FlexAttention under torch.compile with the BlockMask built exactly as the
                record built it (speedrun.gpt.baseline.record_block_masks: causal +
                document, window counted in whole 128-token blocks: 14 for 1792, 7 for 896).
@@ -51,7 +55,7 @@ from bench import harness
 
 OP = "sliding_window_attention"
 MODES = ("fwd+bwd", "fwd")
-IMPLEMENTATIONS = ("ours-triton", "ours-triton-position-order", "flex", "sdpa-causal")
+IMPLEMENTATIONS = ("ours-triton", "ours-triton-position-order", "ours-gluon-fwd", "flex", "sdpa-causal")
 DEFAULT_T = (48 * 1024, 64 * 1024)
 DEFAULT_WINDOWS = (1792, 896)
 HEADS, HEAD_DIM, SCALE = 6, 128, 0.12
@@ -129,17 +133,19 @@ def attention_functions(impls, doc_ids: torch.Tensor, window: int) -> dict[str, 
 
 
 def _build(impl: str, doc_ids: torch.Tensor, window: int) -> Callable:
-    if impl in ("ours-triton", "ours-triton-position-order"):
+    if impl in ("ours-triton", "ours-triton-position-order", "ours-gluon-fwd"):
         import importlib
 
         import kernels
         swa = importlib.import_module("kernels.sliding_window_attention")
-        longest_first = impl == "ours-triton"
+        longest_first = impl != "ours-triton-position-order"
+        forward = "gluon" if impl == "ours-gluon-fwd" else "triton"
 
         def ours(q, k, v):
             # Set on every call and left set: the autograd backward that follows this
             # forward (step() in _check_and_time) launches in the same order.
             swa.LONGEST_FIRST = longest_first
+            swa.FORWARD = forward
             with kernels.use_backend("triton"):
                 return kernels.sliding_window_attention(q, k, v, window=window, doc_ids=doc_ids, scale=SCALE)
         return ours
@@ -225,7 +231,7 @@ def _check_and_time(case, impl, fn, mode, tensors, doc_ids, window, timer, commo
     checks = {}
     try:
         out, _ = step()  # compiles flex; the check below uses this run's output
-        if impl.startswith("ours-triton"):
+        if impl.startswith("ours-"):
             checks["out_rel_err"] = _rel_err(out[:, -CHECK_ROWS:], tail_reference(q, k, v, doc_ids, window))
             checks["ok"] = checks["out_rel_err"] <= OUT_TOL
         del out

@@ -13,22 +13,30 @@ import json
 
 import kernels
 
-# The module, not the op of the same name that kernels/__init__.py exports.
+# The modules, not the ops of the same name that kernels/__init__.py exports.
 relu2_mlp = importlib.import_module("kernels.relu2_mlp")
+swa = importlib.import_module("kernels.sliding_window_attention")
+swa_gluon = importlib.import_module("kernels.sliding_window_attention_gluon")
 
 
 def triton_paths() -> dict[str, str]:
     """{ops: the path their Triton kernels take here}, for the kernels with a feature switch.
 
-    Only the MLP GEMM has one: relu2_mlp imports Triton's host-side TensorDescriptor once
-    at import and, without it, has only the pointer variant.  Every other kernel uses
-    features all supported tritons (3.6-3.8) have, so it has one path.
+    The MLP GEMM imports Triton's host-side TensorDescriptor once at import and, without
+    it, has only the pointer variant.  The attention forward has a Gluon kernel where
+    triton.experimental.gluon's Hopper API imports, used only when asked for (FORWARD).
+    Every other kernel uses features all supported tritons (3.6-3.8) have: one path.
     """
     if relu2_mlp.TensorDescriptor is None:
         mlp = "pointer variant only (this triton has no triton.tools.tensor_descriptor)"
     else:
         mlp = "TMA tensor descriptors on sm_90+ with 16-byte aligned operands, else the pointer variant"
-    return {f"{relu2_mlp.OP_MLP}, {relu2_mlp.OP_LINEAR}": mlp}
+    if swa_gluon.AVAILABLE:
+        attention = (f"forward: {swa.FORWARD} kernel (SPEEDRUN_ATTENTION_FORWARD=triton|gluon; the Gluon one, "
+                     "Hopper only, keeps a wgmma group in flight across the softmax)")
+    else:
+        attention = "forward: triton kernel only (this triton has no Gluon Hopper API)"
+    return {f"{relu2_mlp.OP_MLP}, {relu2_mlp.OP_LINEAR}": mlp, swa.OP: attention}
 
 
 def summary(report: dict) -> str:

@@ -49,6 +49,7 @@ of its run of equal ids.  Within the blocks they visit they compare ids exactly.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -543,8 +544,23 @@ def _longest_first(docs, doc_stride, has_docs, batch, length, kernel_window, cfg
     return torch.argsort(work, dim=1, descending=True, stable=True).to(torch.int32)
 
 
+# The forward kernel on CUDA tensors: "triton" (the tile-language kernel above, the tested
+# default) or "gluon" (kernels/sliding_window_attention_gluon.py: Hopper only, keeps a wgmma
+# group in flight across the softmax; opt-in until its GPU tests have passed on a GPU).  Read
+# once at import from SPEEDRUN_ATTENTION_FORWARD; assigning it switches too.  The backward
+# is the same either way.  A `config` (tests' small blocks) always means the triton kernel.
+FORWARDS = ("triton", "gluon")
+FORWARD = os.environ.get("SPEEDRUN_ATTENTION_FORWARD", "triton")
+
+
 def _forward(q, k, v, doc_ids, window, scale, config=None, block_size=1):
     """(out [B, T, H, D] contiguous, lse [B, H, T] fp32 in base-2 units of scale*log2(e)*q.k)."""
+    if FORWARD not in FORWARDS:
+        raise ValueError(f"sliding_window_attention.FORWARD (SPEEDRUN_ATTENTION_FORWARD) must be one of "
+                         f"{FORWARDS}, got {FORWARD!r}")
+    if FORWARD == "gluon" and config is None:
+        from kernels import sliding_window_attention_gluon  # imports this module: loaded on first use
+        return sliding_window_attention_gluon.forward(q, k, v, doc_ids, window, scale, block_size)
     batch, length, heads, head_dim = q.shape
     cfg = dict(config or CONFIGS[head_dim]["fwd"])
     out = _new_output((batch, length, heads, head_dim), q.dtype, q.device)

@@ -18,8 +18,9 @@ A spec names the values the launch passes:
      "args": {"logits_ptr": "*bf16", "n_cols": 50304, "cap": 30.0, "BLOCK": 4096, ...},
      "num_warps": 8, "num_stages": 3}
 where "*bf16" is a 16-byte aligned bf16 tensor, {"ptr": "bf16", "aligned": false} one that
-is not, "tensordesc<bf16[128, 64]>" a host TensorDescriptor with that block, and any
-other value is passed as is.
+is not, "tensordesc<bf16[128, 64]>" a host TensorDescriptor with that block,
+"gluon_tensordesc<bf16[128, 64]>" the same for a Gluon kernel (Gluon's host descriptor,
+with the default NVMMA shared layout of that block), and any other value is passed as is.
 
 The older form, {"signature": {name: type}, "constexprs": {...}, "divisible_by_16":
 [names]}, is translated to such values (an int or pointer in divisible_by_16 gets an
@@ -84,16 +85,21 @@ def _value(value):
         return _Pointer(_torch_dtype(value[1:]), aligned=True)
     if isinstance(value, dict) and "ptr" in value:
         return _Pointer(_torch_dtype(value["ptr"]), aligned=value.get("aligned", True))
-    if isinstance(value, str) and value.startswith("tensordesc<"):
-        match = re.fullmatch(r"tensordesc<(\w+)\[([\d, ]+)\]>", value)
+    if isinstance(value, str) and value.startswith(("tensordesc<", "gluon_tensordesc<")):
+        match = re.fullmatch(r"(gluon_)?tensordesc<(\w+)\[([\d, ]+)\]>", value)
         if match is None:
             raise ValueError(f"cannot read the tensor descriptor {value!r}")
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        block = [int(x) for x in match.group(2).split(",")]
+        gluon, dtype, block = match.group(1), _torch_dtype(match.group(2)), [int(x) for x in match.group(3).split(",")]
         strides = [1] * len(block)
         for axis in range(len(block) - 2, -1, -1):
             strides[axis] = strides[axis + 1] * block[axis + 1]
-        return TensorDescriptor(_Pointer(_torch_dtype(match.group(1)), aligned=True), block, strides, block)
+        if gluon:
+            from triton.experimental.gluon import language as gl
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+            layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _TYPE_NAMES[match.group(2)]))
+            return TensorDescriptor(_Pointer(dtype, aligned=True), block, strides, block, layout)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        return TensorDescriptor(_Pointer(dtype, aligned=True), block, strides, block)
     return value
 
 
@@ -145,6 +151,8 @@ def _compile_one(spec: dict, cubin_path: str | None) -> dict:
     from triton.compiler import ASTSource
 
     fn, signature, constexprs, attrs, options = _specialize(spec)
+    if fn.is_gluon():  # Gluon kernels are built from their own AST source (explicit layouts)
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget(*TARGET), options=options.__dict__)
     if cubin_path is not None:

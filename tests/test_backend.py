@@ -74,5 +74,5 @@ def test_python_m_kernels_names_the_mlp_path_this_triton_gives(monkeypatch, caps
     monkeypatch.setattr(cli.relu2_mlp, "TensorDescriptor", None)  # as with a triton that lacks them
     assert cli.main(["--json"]) == 0
     paths = json.loads(capsys.readouterr().out)["triton_paths"]
-    assert paths == {"relu2_mlp, linear_relu2": "pointer variant only (this triton has no "
-                                                "triton.tools.tensor_descriptor)"}
+    assert paths["relu2_mlp, linear_relu2"] == ("pointer variant only (this triton has no "
+                                                "triton.tools.tensor_descriptor)")

@@ -646,6 +646,91 @@ def test_triton_kernels_compile_for_sm90_with_wgmma():
         assert "cp.async.bulk.tensor" in ptx, spec["kernel"]
 
 
+# ---- the Gluon forward (kernels/sliding_window_attention_gluon.py) --------------------------
+# Gluon has no interpreter: here its range kernel runs (a Triton kernel), the switch is
+# checked, and the kernel is compiled for sm_90; its results are checked on a GPU below.
+
+swa_gluon = importlib.import_module("kernels.sliding_window_attention_gluon")
+
+
+@pytest.mark.parametrize("t,window,lengths,bm,bn,block_size", [
+    (200, 50, [40, 3, 1, 70, 9], 16, 32, None),
+    (173, None, [90, 20], 32, 16, None),
+    (97, 300, None, 32, 16, None),
+    (300, 128, [150, 20], 32, 16, 128),
+])
+def test_gluon_ranges_are_the_visible_blocks_and_order_is_longest_first(t, window, lengths, bm, bn, block_size,
+                                                                        interpreter_device):
+    # The Gluon forward walks the key blocks that _fwd_ranges writes: exactly those with a
+    # visible pair, unmasked exactly when all pairs are visible (brute force), in the
+    # launch order that the tile-language forward's _longest_first gives.
+    doc_ids = documents_of_lengths(lengths, t) if lengths else None
+    mask = reference.attention_mask(t, window=window, doc_ids=doc_ids, block_size=block_size)[0]
+    docs, doc_stride, has_docs = swa._doc_args(doc_ids.to(interpreter_device) if lengths else None,
+                                               interpreter_device)
+    kernel_window = swa._kernel_window(window or 0, t, block_size or 1)
+    ranges, order = swa_gluon.ranges_and_order(docs, doc_stride, has_docs, 1, t, kernel_window, block_size or 1,
+                                               interpreter_device, block_m=bm, block_n=bn)
+    _check_ranges(ranges[0].cpu(), mask, bm, bn, t)
+    expected = swa._longest_first(docs, doc_stride, has_docs, 1, t, kernel_window, dict(BLOCK_M=bm, BLOCK_N=bn),
+                                  block_size or 1, True, interpreter_device)
+    assert torch.equal(order.cpu(), expected.cpu())
+
+
+def test_forward_switch_is_checked_and_gluon_refuses_cpu_tensors(monkeypatch, interpreter_device):
+    q, k, v = qkv(1, 40, 1, 64, torch.float16, device="cpu")
+    monkeypatch.setattr(swa, "FORWARD", "gluon-ish")
+    with pytest.raises(ValueError, match=r"FORWARD \(SPEEDRUN_ATTENTION_FORWARD\) must be one of"):
+        swa._forward(q, k, v, None, 9, 0.12)
+    monkeypatch.setattr(swa, "FORWARD", "gluon")
+    reason = "CUDA tensors only" if swa_gluon.AVAILABLE else "no Gluon Hopper API"
+    with pytest.raises(RuntimeError, match=f"Gluon attention forward cannot run here: .*{reason}"):
+        swa._forward(q, k, v, None, 9, 0.12)
+
+
+def test_python_m_kernels_names_the_attention_forward(monkeypatch, capsys):
+    from kernels import __main__ as cli
+    monkeypatch.setattr(cli.swa, "FORWARD", "gluon")
+    assert cli.main([]) == 0
+    assert "sliding_window_attention: forward: gluon kernel" in capsys.readouterr().out
+    monkeypatch.setattr(cli.swa_gluon, "AVAILABLE", False)  # as with a triton without Gluon
+    assert cli.main([]) == 0
+    assert "forward: triton kernel only" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not swa_gluon.AVAILABLE, reason="this triton has no Gluon Hopper API")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gluon_forward_compiles_for_sm90_with_the_softmax_wait_leaving_one_group(head_dim, tmp_path):
+    # The PTX keeps one wgmma group in flight at the softmax wait (wait_group 1), and ptxas
+    # kept it: in each of the three key-block loops exactly the waits [1, 0] (a ptxas that
+    # serializes the wgmma puts a wait 0 after every one).  Where the exponentials land
+    # between them is read for the main stack's build in tests/test_static.py.
+    config = dict(swa_gluon.CONFIG)
+    warps = config.pop("num_warps")
+    desc = {arg: f"gluon_tensordesc<bf16[1, {config[block]}, {head_dim}]>"
+            for arg, block in (("q_desc", "BLOCK_M"), ("k_desc", "BLOCK_N"), ("v_desc", "BLOCK_N"))}
+    spec = {"module": "kernels.sliding_window_attention_gluon", "kernel": "_gluon_fwd", "num_warps": warps,
+            "args": {**desc, "doc_ptr": "*i32", "order_ptr": "*i32", "ranges_ptr": "*i32", "o_ptr": "*bf16",
+                     "lse_ptr": "*fp32", "T": 4096, "window": 1792, "scale_log2": 0.17, "stride_ob": 4096 * 768,
+                     "stride_ot": 768, "stride_oh": head_dim, "stride_docb": 4096, "HAS_DOCS": True,
+                     "HEAD_DIM": head_dim, "WINDOW_BLOCK": 1, **config}}
+    compiled, = compile_for_hopper([spec], cubin_dir=str(tmp_path))
+    ptx = compiled["ptx"]
+    assert compiled["cubin_bytes"] > 0 and ".target sm_90" in ptx
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    from bench.static import sass
+    instrs = sass.code(sass.sass(compiled["cubin_path"])[compiled["name"]])
+    last_exit = max(i.addr for i in instrs if i.base == "EXIT")  # try-wait retry loops sit after it
+    loops = [span for span in sass.loops(instrs) if span[1] < last_exit
+             and any(i.base == "HGMMA" for i in sass.within(instrs, span))]
+    assert len(loops) == 3, loops
+    for span in loops:
+        waits = [int(i.operands[-1], 0) for i in sass.within(instrs, span) if i.op.startswith("WARPGROUP.DEPBAR")]
+        assert waits == [1, 0], (span, waits)
+    assert "window" not in compiled["specialized_to_constexpr"] and "window" in compiled["signature"]
+
+
 # ---- GPU: bf16 against FlexAttention with the exact same mask ------------------------------
 
 def fineweb_like_documents(t, seed, device):
@@ -711,6 +796,76 @@ def test_gpu_cuda_graph_capture_and_compile():
     attend = torch.compile(lambda a, b, c: kernels.sliding_window_attention(a, b, c, window=896, doc_ids=doc_ids,
                                                                             scale=0.12), fullgraph=True)
     expected = flex_reference(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
+    assert rel_err(attend(q, k, v), expected) < TOL[torch.bfloat16]
+    graph = torch.cuda.CUDAGraph()
+    kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)  # warm up
+    with torch.cuda.graph(graph):
+        static_out = kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
+    graph.replay()
+    assert rel_err(static_out, expected) < TOL[torch.bfloat16]
+
+
+# ---- GPU: the Gluon forward against the tile-language forward and the reference -------------
+# These must pass on an H100 before FORWARD = "gluon" may become the default.
+
+def _gluon_or_skip():
+    reason = swa_gluon.unusable_reason(torch.empty(0, device="cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,h,d,window,block_size,dtype", [
+    (1, 8192, 6, 128, 1792, None, torch.bfloat16),
+    (2, 4096 + 77, 3, 64, 896, None, torch.bfloat16),  # T not a whole block, two sequences
+    (1, 6000, 6, 128, 1792, 128, torch.bfloat16),  # the record's block-granular window
+    (1, 1000, 2, 128, 1, None, torch.float16),  # each query sees only itself
+    (1, 700, 2, 64, None, None, torch.float16),  # no window
+])
+def test_gpu_gluon_forward_matches_the_triton_forward(b, t, h, d, window, block_size, dtype):
+    # Same inputs, same fp32 statistics, P rounded to the input dtype in both: the outputs
+    # differ only by summation order and a different split of the rounding (tolerance: the
+    # dtype's, as against the reference); lse (fp32 sums) to 1e-3 in base-2 units.
+    _gluon_or_skip()
+    q, k, v = qkv(b, t, h, d, dtype, seed=2, device="cuda")
+    doc_ids = torch.cat([fineweb_like_documents(t, seed, "cuda") for seed in range(b)])
+    args = (q, k, v, doc_ids, window or 0, 0.12)
+    expected_out, expected_lse = swa._forward(*args, block_size=block_size or 1)
+    out, lse = swa_gluon.forward(*args, block_size or 1)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert rel_err(out, expected_out) < TOL[dtype]
+    assert (lse - expected_lse).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,block_size", [(333, None), (256, 128)])
+def test_gpu_gluon_forward_with_the_backward_matches_reference_and_windows_compile_nothing(
+        window, block_size, monkeypatch):
+    _gluon_or_skip()
+    monkeypatch.setattr(swa, "FORWARD", "gluon")
+    q, k, v = qkv(1, 1000, 2, 128, torch.bfloat16, seed=4, device="cuda")
+    doc_ids = fineweb_like_documents(1000, 3, "cuda")
+    upstream = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    compiled_before = None
+    for w in (window, 2 * window, window + 128):
+        kwargs = dict(window=w, doc_ids=doc_ids, scale=None, block_size=block_size)
+        with kernels.use_backend("triton"):
+            ours = forward_backward(kernels.sliding_window_attention, [q, k, v], upstream, **kwargs)
+        assert_close_to_reference(ours, oracle(q, k, v, upstream, **kwargs), torch.bfloat16)
+        compiled = sum(len(cache[0]) for cache in swa_gluon._gluon_fwd.device_caches.values())
+        compiled_before = compiled_before or compiled
+        assert compiled == compiled_before, f"window={w} compiled a new Gluon forward"
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_forward_under_cuda_graph_and_compile(monkeypatch):
+    _gluon_or_skip()
+    monkeypatch.setattr(swa, "FORWARD", "gluon")
+    q, k, v = qkv(1, 2048, 6, 128, torch.bfloat16, seed=5, device="cuda")
+    doc_ids = fineweb_like_documents(2048, 1, "cuda")
+    expected = flex_reference(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
+    attend = torch.compile(lambda a, b, c: kernels.sliding_window_attention(a, b, c, window=896, doc_ids=doc_ids,
+                                                                            scale=0.12), fullgraph=True)
     assert rel_err(attend(q, k, v), expected) < TOL[torch.bfloat16]
     graph = torch.cuda.CUDAGraph()
     kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)  # warm up

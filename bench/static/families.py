@@ -417,6 +417,33 @@ def sliding_window_attention() -> Op:
     def grid(name: str, block: str) -> int:
         return triton.cdiv(t, swa.CONFIGS[HEAD_DIM][name][block]) * HEADS
 
+    # The Gluon forward (opt-in: FORWARD = "gluon"), with the range kernel that replaces
+    # _block_work before it; built where this triton has Gluon's Hopper API.
+    gluon_kernels = []
+    swa_gluon = importlib.import_module("kernels.sliding_window_attention_gluon")
+    if swa_gluon.AVAILABLE:
+        g = dict(swa_gluon.CONFIG)
+        gluon_warps = g.pop("num_warps")
+        gluon_fwd = {"module": "kernels.sliding_window_attention_gluon", "kernel": "_gluon_fwd",
+                     "num_warps": gluon_warps,
+                     "args": {"q_desc": f"gluon_tensordesc<bf16[1, {g['BLOCK_M']}, {HEAD_DIM}]>",
+                              **{arg: f"gluon_tensordesc<bf16[1, {g['BLOCK_N']}, {HEAD_DIM}]>"
+                                 for arg in ("k_desc", "v_desc")},
+                              "doc_ptr": "*i32", "order_ptr": "*i32", "ranges_ptr": "*i32", "o_ptr": "*bf16",
+                              "lse_ptr": "*fp32", "T": t, "window": WINDOW, "scale_log2": scales["scale_log2"],
+                              **{f"stride_o{axis}": strides[axis] for axis in "bth"}, "stride_docb": t,
+                              "HAS_DOCS": True, "HEAD_DIM": HEAD_DIM, "WINDOW_BLOCK": 128, **g}}
+        ranges = {"module": "kernels.sliding_window_attention_gluon", "kernel": "_fwd_ranges", "num_warps": 4,
+                  "args": {"doc_ptr": "*i32", "ranges_ptr": "*i32", "T": t, "window": WINDOW, "stride_docb": t,
+                           "HAS_DOCS": True, "SCAN": swa.SCAN_CHUNK, "WINDOW_BLOCK": 128, **g}}
+        gluon_kernels = [
+            Kernel("gluon _gluon_fwd", "forward (opt-in, FORWARD = 'gluon'): QK^T of the next key block and PV "
+                   "of this one in flight across the softmax", "triton",
+                   ctas=triton.cdiv(t, g["BLOCK_M"]) * HEADS, spec=gluon_fwd, runs_in_speedrun=False),
+            Kernel("triton _fwd_ranges", "key-block ranges and work per query block, before the Gluon forward",
+                   "triton", ctas=triton.cdiv(t, g["BLOCK_M"]), spec=ranges, runs_in_speedrun=False),
+        ]
+
     return Op("sliding_window_attention", f"B=1, T={t}, {HEADS} heads x {HEAD_DIM}, window {WINDOW}, "
               "FineWeb-like documents (the bench's), bf16, forward+backward",
               bytes=0, flops=bench.flops(pairs, "fwd+bwd", HEADS, HEAD_DIM), flop_kind="bf16", kernels=[
@@ -429,6 +456,7 @@ def sliding_window_attention() -> Op:
                ctas=grid("dq", "BLOCK_M"), spec=dq),
         Kernel("triton _sliding_window_attn_bwd_dkdv", "dK, dV per key block", "triton",
                ctas=grid("dkdv", "BLOCK_N"), spec=dkdv),
+        *gluon_kernels,
     ], notes=[f"{pairs / 1e6:.1f} M visible (query, key) pairs per head; FLOPs 14 D per pair and head "
               "(fwd+bwd, bench formula); compute-bound (~400 FLOP/B), so no memory floor is given"])
 
