@@ -262,6 +262,23 @@ def sweep_products(x, w_fc, w_proj, upstream):
     }
 
 
+def _sweep_trial(run: harness.BenchRun, case: str, label: str, step: Callable, expected: torch.Tensor,
+                 timer: Callable[[Callable], float], common: dict) -> None:
+    """One trial of a sweep: checked against `expected`, then timed; a trial that raises (a
+    config that does not fit shared memory or registers, a split that does not divide M,
+    out of memory) is recorded as failed and the sweep goes on."""
+    try:
+        error = relative_error(step(), expected)
+        ms = timer(step)
+    except Exception as exc:
+        run.add(harness.failed(case, label, harness.describe_error(exc), **common))
+        return
+    finally:
+        harness.free_cuda_memory()
+    run.add(harness.measured(case, label, ms, ceilings=run.ceilings, **common,
+                             checks={"rel_err": error, "ok": error <= TOL}))
+
+
 def run_sweep(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[[Callable], float],
               device, configs=SWEEP_CONFIGS) -> None:
     """Time each product on cuBLAS (plus torch's pointwise ops where there is an epilogue) and
@@ -282,16 +299,7 @@ def run_sweep(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[
                     return fn()
                 with module.tile_config(**config):
                     return fn(variant)
-            try:
-                error = relative_error(step(), expected)
-                ms = timer(step)
-            except Exception as exc:  # a config that does not fit (shared memory, registers)
-                run.add(harness.failed(case, label, harness.describe_error(exc), **common))
-                continue
-            finally:
-                harness.free_cuda_memory()
-            run.add(harness.measured(case, label, ms, ceilings=run.ceilings, **common,
-                                     checks={"rel_err": error, "ok": error <= TOL}))
+            _sweep_trial(run, case, label, step, expected, timer, common)
     del x, w_fc, w_proj, upstream
     harness.free_cuda_memory()
 
@@ -342,16 +350,7 @@ def run_dw(run: harness.BenchRun, *, m: int, d: int, h: int, timer: Callable[[Ca
         trials += [(f"split-K {s} (bmm fp32 partials + sum)", lambda a=a, b=b, s=s: split_k_tn(a, b, s))
                    for s in splits]
         for label, step in trials:
-            try:
-                error = relative_error(step(), expected)
-                ms = timer(step)
-            except Exception as exc:  # a split that does not divide M, out of memory
-                run.add(harness.failed(case, label, harness.describe_error(exc), **common))
-                continue
-            finally:
-                harness.free_cuda_memory()
-            run.add(harness.measured(case, label, ms, ceilings=run.ceilings, **common,
-                                     checks={"rel_err": error, "ok": error <= TOL}))
+            _sweep_trial(run, case, label, step, expected, timer, common)
     del x, w_fc, w_proj, upstream
     harness.free_cuda_memory()
 

@@ -466,16 +466,13 @@ def _mlp_fp8_forward_fake(x, w_fc, w_proj, x_scale, w_scale, plain):
 
 def _mlp_fp8_setup_context(ctx, inputs, output):
     x, w_fc, w_proj, _x_scale, _w_scale, plain = inputs
-    ctx.plain = plain
-    ctx.save_for_backward(x, w_fc, w_proj, output[1])
-    ctx.mark_non_differentiable(output[1])
+    _mlp_setup_context(ctx, (x, w_fc, w_proj, plain), output)
 
 
 def _mlp_fp8_autograd_backward(ctx, grad_y, _grad_h):
     # Straight through the quantization: the bf16 backward at the unquantized x and w_fc,
     # with relu(pre) = sqrt(h) taken from the fp8 forward's h (as the record's FP8 MLP).
-    x, w_fc, w_proj, h = ctx.saved_tensors
-    dx, dw_fc, dw_proj = _mlp_backward(grad_y, x, w_fc, w_proj, h, ctx.plain)
+    dx, dw_fc, dw_proj, _ = _mlp_autograd_backward(ctx, grad_y, _grad_h)
     return dx, dw_fc, dw_proj, None, None, None
 
 

@@ -789,8 +789,8 @@ def test_gpu_bf16_matches_reference_and_changing_window_compiles_nothing():
         assert compiled == compiled_before, f"window={window} compiled a new forward kernel"
 
 
-@pytest.mark.gpu
-def test_gpu_cuda_graph_capture_and_compile():
+def _check_cuda_graph_capture_and_compile():
+    """The op under torch.compile(fullgraph) and replayed from a CUDA graph, against FlexAttention."""
     q, k, v = qkv(1, 2048, 6, 128, torch.bfloat16, seed=5, device="cuda")
     doc_ids = fineweb_like_documents(2048, 1, "cuda")
     attend = torch.compile(lambda a, b, c: kernels.sliding_window_attention(a, b, c, window=896, doc_ids=doc_ids,
@@ -803,6 +803,11 @@ def test_gpu_cuda_graph_capture_and_compile():
         static_out = kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
     graph.replay()
     assert rel_err(static_out, expected) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_compile():
+    _check_cuda_graph_capture_and_compile()
 
 
 # ---- GPU: the Gluon forward against the tile-language forward and the reference -------------
@@ -861,18 +866,7 @@ def test_gpu_gluon_forward_with_the_backward_matches_reference_and_windows_compi
 def test_gpu_gluon_forward_under_cuda_graph_and_compile(monkeypatch):
     _gluon_or_skip()
     monkeypatch.setattr(swa, "FORWARD", "gluon")
-    q, k, v = qkv(1, 2048, 6, 128, torch.bfloat16, seed=5, device="cuda")
-    doc_ids = fineweb_like_documents(2048, 1, "cuda")
-    expected = flex_reference(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
-    attend = torch.compile(lambda a, b, c: kernels.sliding_window_attention(a, b, c, window=896, doc_ids=doc_ids,
-                                                                            scale=0.12), fullgraph=True)
-    assert rel_err(attend(q, k, v), expected) < TOL[torch.bfloat16]
-    graph = torch.cuda.CUDAGraph()
-    kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)  # warm up
-    with torch.cuda.graph(graph):
-        static_out = kernels.sliding_window_attention(q, k, v, window=896, doc_ids=doc_ids, scale=0.12)
-    graph.replay()
-    assert rel_err(static_out, expected) < TOL[torch.bfloat16]
+    _check_cuda_graph_capture_and_compile()
 
 
 # ---- bench/bench_sliding_window_attention.py without a GPU ------------------------------------
