@@ -11,9 +11,13 @@ what they have) and the next one runs:
 
   build        setup.py build_ext --inplace (MAX_JOBS = cores), then python -m kernels --json
   correctness  pytest -m gpu: bf16, the CUDA backend, CUDA vs Triton vs reference, CUDA graphs,
-               torch.compile, for all five op families
-  memcheck     compute-sanitizer --tool memcheck over the CUDA-extension ops at small shapes
+               torch.compile, for all five op families; one pytest-xdist worker per test file
+               where xdist is installed (the machine's image has it): the stage is bound by
+               Triton and Inductor compiling on the CPU, and the machine has 16 cores
+  memcheck     compute-sanitizer --tool memcheck over the CUDA-extension ops at small shapes,
+               instrumenting only the extension's kernels (namespace speedrun)
   racecheck    the same under --tool racecheck (shared-memory races)
+  synccheck    the same under --tool synccheck (barrier misuse: the FP8 GEMM's cluster barriers)
   bench        python -m bench --quick: every family against every competitor
   gpt-auto     the GPT record config per GPU (torchrun over all GPUs if there are several),
   gpt-off      30 steps, --kernels auto then off: ms/step after warm-up, first step apart
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -49,6 +54,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "runs" / "gpu-session"
 GPT_STEPS = 30
+DRY_RUN_GPT_STEPS = 3
 GPT_TOKENS_PER_GPU = 48 * 1024  # the record's per-GPU step: one pass of 49,152 tokens
 # The synthetic corpus's val split holds 1M tokens, less than the record's 10.5M per
 # validation: 8 passes of 65,536 fit it for 1 or 8 GPUs.  Validation runs once, untimed.
@@ -56,6 +62,12 @@ GPT_VAL_SEQ_LEN = 64 * 1024
 GPT_VAL_TOKENS = 8 * GPT_VAL_SEQ_LEN
 # After SIGINT a stage gets this long to write what it has before it is killed.
 GRACE_S = 15
+# The test files holding GPU tests: more xdist workers than this would sit idle (--dist loadfile).
+CORRECTNESS_WORKERS = 6
+# Every kernel of the CUDA extension lives in namespace speedrun, so its mangled and its
+# demangled names contain this and no torch, cuBLAS or Triton kernel's does: the sanitizer
+# instruments ours and runs the rest at full speed.
+SANITIZED_KERNELS = "kns=speedrun"
 
 
 @dataclasses.dataclass
@@ -75,7 +87,7 @@ def gpt_command(kernels: str, run_dir: Path, gpus: int, dry_run: bool) -> list[s
     if dry_run:
         # FlexAttention has no backward on a CPU: "off" keeps our attention there, the rest the record's.
         cpu_kernels = "attention=ours,mlp=torch,head=torch,newton_schulz=torch" if kernels == "off" else kernels
-        return [_python(), "-m", "speedrun.gpt", "--preset", "smoke", "--steps", "3", "--val-every", "0",
+        return [_python(), "-m", "speedrun.gpt", "--preset", "smoke", "--steps", str(DRY_RUN_GPT_STEPS), "--val-every", "0",
                 "--device", "cpu", "--kernels", cpu_kernels, "--run-dir", str(run_dir), "--overwrite"]
     args = ["--preset", "record", "--steps", str(GPT_STEPS), "--val-every", "0",
             "--batch-tokens", str(max(gpus, 1) * GPT_TOKENS_PER_GPU),
@@ -97,6 +109,33 @@ def cifar_command(kernels: str, run_dir: Path, dry_run: bool) -> list[str]:
             "--run-dir", str(run_dir), "--overwrite"]
 
 
+def compute_sanitizer() -> str:
+    """compute-sanitizer on PATH, else the toolkit's own copy (the CUDA image need not put its
+    folder on PATH); the bare name if neither is there, so the stage's log says it is missing."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for candidate in (Path(root) / "bin" / "compute-sanitizer",
+                          Path(root) / "compute-sanitizer" / "compute-sanitizer"):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return "compute-sanitizer"
+
+
+def correctness_command(out: Path, cores: int) -> list[str]:
+    """pytest -m gpu, spread over xdist workers where pytest-xdist is installed.  --dist
+    loadfile keeps each file on one worker, in order: a family's kernels compile once, and
+    at most CORRECTNESS_WORKERS big tests share the GPU's memory at a time."""
+    command = [_python(), "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider",
+               "--junitxml", str(out / "correctness.xml")]
+    workers = min(CORRECTNESS_WORKERS, cores)
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:
+        command += ["-n", str(workers), "--dist", "loadfile"]
+    return command + ["tests"]
+
+
 def plan(out: Path, *, dry_run: bool, gpus: int, cores: int) -> list[Stage]:
     """The stages of one session; budgets sum to 530 s, leaving the 9 minutes some slack."""
     py = _python()
@@ -107,16 +146,19 @@ def plan(out: Path, *, dry_run: bool, gpus: int, cores: int) -> list[Stage]:
 
     def sanitized(tool: str) -> list[str]:
         # --error-exitcode: any finding fails the stage, not only a crash.
-        wrapper = [] if dry_run else ["compute-sanitizer", "--tool", tool, "--error-exitcode", "1"]
+        wrapper = [] if dry_run else [compute_sanitizer(), "--tool", tool, "--kernel-name", SANITIZED_KERNELS,
+                                      "--error-exitcode", "1"]
         return wrapper + workload
 
     return [
-        Stage("build", 100, [[py, "setup.py", "build_ext", "--inplace"],
-                             [py, "-m", "kernels", "--json", "--output", str(out / "kernels.json")]], build_env),
-        Stage("correctness", 90, [[py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider",
-                                   "--junitxml", str(out / "correctness.xml"), "tests"]]),
+        # The build's critical path is its longest translation unit (softcap_ce.cu: 42 s of
+        # nvcc on this project's 2-core CI machine); the three compile side by side.
+        Stage("build", 80, [[py, "setup.py", "build_ext", "--inplace"],
+                            [py, "-m", "kernels", "--json", "--output", str(out / "kernels.json")]], build_env),
+        Stage("correctness", 90, [correctness_command(out, cores)]),
         Stage("memcheck", 30, [sanitized("memcheck")]),
         Stage("racecheck", 30, [sanitized("racecheck")]),
+        Stage("synccheck", 20, [sanitized("synccheck")]),
         Stage("bench", 90, [[py, "-m", "bench", "--quick", "--out", str(out / "bench")]]),
         Stage("gpt-auto", 65, [gpt_command("auto", out / "gpt-auto", gpus, dry_run)]),
         Stage("gpt-off", 65, [gpt_command("off", out / "gpt-off", gpus, dry_run)]),
@@ -188,7 +230,11 @@ def read_correctness(xml_path: Path, log_path: Path) -> dict | None:
                     "failing": [f"{cls}::{name}" for cls, name in failing][:50]}
     if not log_path.exists():
         return None
-    lines = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", log_path.read_text(errors="replace"), re.M)
+    text = log_path.read_text(errors="replace")
+    # "tests/a.py::t PASSED [ 1%]" from one process; "[gw0] [  1%] PASSED tests/a.py::t" from xdist.
+    lines = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", text, re.M)
+    lines += [(test, word) for word, test in re.findall(
+        r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED) (\S+::\S+)", text, re.M)]
     counts = {word.lower(): sum(1 for _, w in lines if w == word) for word in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     return {"passed": counts["passed"], "failed": counts["failed"], "errors": counts["error"],
             "skipped": counts["skipped"], "complete": False,
@@ -231,21 +277,24 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_gpt(run_dir: Path) -> dict | None:
-    """ms/step after warm-up (the trainer's own step_avg at its final validation, synchronized)
-    and the first step's time (compilation + one step, host clock) apart."""
+def read_gpt(run_dir: Path, steps: int) -> dict | None:
+    """ms/step after warm-up and the first step's time (compilation + one step, host clock) apart.
+
+    ms/step comes from the last step's record: the trainer synchronizes before the final
+    validation, so that record's train_time_ms is exact over its timed_steps, and a stage
+    cut off while the validation compiles its longer sequence still has its number."""
     records = _records(run_dir)
     if not records:
         return None
-    steps = [r for r in records if r.get("event") == "step"]
-    result = {"steps_done": steps[-1]["step"] if steps else 0,
-              "first_step_s": steps[0]["train_time_ms"] / 1000 if steps else None, "ms_per_step": None}
-    log = run_dir / "log.txt"
-    if log.exists():
-        finals = re.findall(r"step:(\d+)/(\d+) val_loss:(\S+).*? train_time:(\d+)ms step_avg:([\d.]+)ms",
-                            log.read_text(errors="replace"))
-        if finals and finals[-1][0] == finals[-1][1]:  # the last step's validation: the run finished
-            result.update(ms_per_step=float(finals[-1][4]), val_loss=float(finals[-1][2]))
+    done = [r for r in records if r.get("event") == "step"]
+    result = {"steps_done": done[-1]["step"] if done else 0,
+              "first_step_s": done[0]["train_time_ms"] / 1000 if done else None, "ms_per_step": None}
+    last = done[-1] if done else {}
+    if last.get("step") == steps and last.get("timed_steps", 0) > 0:
+        result["ms_per_step"] = last["train_time_ms"] / last["timed_steps"]
+    finals = [r for r in records if r.get("event") == "val" and r.get("step") == steps]
+    if finals:
+        result["val_loss"] = finals[-1]["val_loss"]
     return result
 
 
@@ -337,7 +386,8 @@ def session(out: Path, *, dry_run: bool) -> int:
         "kernels": json.loads((out / "kernels.json").read_text()) if (out / "kernels.json").exists() else None,
         "correctness": read_correctness(out / "correctness.xml", out / "correctness.log"),
         "bench": read_bench(out / "bench"),
-        "trainers": {"gpt": {k: read_gpt(out / f"gpt-{k}") for k in ("auto", "off")},
+        "trainers": {"gpt": {k: read_gpt(out / f"gpt-{k}", DRY_RUN_GPT_STEPS if dry_run else GPT_STEPS)
+                             for k in ("auto", "off")},
                      "cifar": {k: read_cifar(out / f"cifar-{k}") for k in ("auto", "off")}},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

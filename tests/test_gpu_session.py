@@ -20,7 +20,8 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and [s["name"] for s in summary["stages"]] == [
-        "build", "correctness", "memcheck", "racecheck", "bench", "gpt-auto", "gpt-off", "cifar-auto", "cifar-off"]
+        "build", "correctness", "memcheck", "racecheck", "synccheck", "bench", "gpt-auto", "gpt-off",
+        "cifar-auto", "cifar-off"]
     assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
     assert "triton_paths" in summary["kernels"]
     tests = summary["correctness"]
@@ -41,10 +42,56 @@ def test_commands_on_one_and_eight_gpus(tmp_path):
     assert eight[:3] == ["torchrun", "--standalone", "--nproc_per_node=8"]
     assert eight[eight.index("--batch-tokens") + 1] == str(8 * 48 * 1024)
     assert eight[eight.index("--kernels") + 1] == "off"
-    stages = gpu_session.plan(tmp_path, dry_run=False, gpus=1, cores=16)
-    assert sum(s.budget_s for s in stages) <= 9 * 60 - 10
-    assert stages[0].env == {"MAX_JOBS": "16"}
-    assert stages[2].commands[0][:5] == ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1"]
+    stages = {s.name: s for s in gpu_session.plan(tmp_path, dry_run=False, gpus=1, cores=16)}
+    assert sum(s.budget_s for s in stages.values()) <= 9 * 60 - 10
+    assert stages["build"].env == {"MAX_JOBS": "16"}
+    for tool in ("memcheck", "racecheck", "synccheck"):
+        [command] = stages[tool].commands
+        assert Path(command[0]).name == "compute-sanitizer"
+        assert command[1:7] == ["--tool", tool, "--kernel-name", "kns=speedrun", "--error-exitcode", "1"]
+        assert command[-2:] == ["bench.gpu_session", "--sanitizer-workload"]
+
+
+def test_the_sanitizer_filter_names_every_extension_kernel_and_no_other():
+    """kns= matches a substring of the kernel's name: every __global__ of csrc/ must sit in
+    namespace speedrun, or the sanitizer stages would silently skip it."""
+    import re
+    needle = gpu_session.SANITIZED_KERNELS.removeprefix("kns=")
+    for source in sorted((harness.REPO_ROOT / "csrc").glob("*.cu")):
+        text = source.read_text()
+        opened = text.index(f"namespace {needle} {{")
+        closed = text.index(f"}}  // namespace {needle}")
+        kernels = [m.start() for m in re.finditer(r"__global__", text)]
+        assert kernels, source
+        assert all(opened < k < closed for k in kernels), f"{source.name}: a kernel outside namespace {needle}"
+    triton_sources = "".join(p.read_text() for p in (harness.REPO_ROOT / "kernels").glob("*.py"))
+    assert not re.search(rf"def \w*{needle}\w*\(", triton_sources)  # no Triton kernel carries the name
+
+
+def test_correctness_spreads_over_xdist_workers_where_xdist_is_installed(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "xdist" else real(name, *a))
+    command = gpu_session.correctness_command(tmp_path, cores=16)
+    assert command[command.index("-n") + 1] == str(gpu_session.CORRECTNESS_WORKERS)
+    assert command[command.index("--dist") + 1] == "loadfile" and command[-1] == "tests"
+    assert "-n" not in gpu_session.correctness_command(tmp_path, cores=1)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xdist" else real(name, *a))
+    assert "-n" not in gpu_session.correctness_command(tmp_path, cores=16)
+
+
+def test_compute_sanitizer_is_found_off_path_in_the_toolkit(tmp_path, monkeypatch):
+    tool = tmp_path / "cuda" / "compute-sanitizer" / "compute-sanitizer"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert gpu_session.compute_sanitizer() == str(tool)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    if not Path("/usr/local/cuda/bin/compute-sanitizer").exists():
+        assert gpu_session.compute_sanitizer() == "compute-sanitizer"  # the stage's log then says it is missing
 
 
 def test_a_stage_over_budget_is_interrupted_and_the_next_runs(tmp_path):
@@ -75,10 +122,31 @@ def test_bench_rows_compare_our_best_with_the_best_competitor(tmp_path):
     assert row["errors"] == {"torch-other": "OOM"} and row["complete"]
 
 
-def test_interrupted_tests_are_counted_from_the_verbose_lines(tmp_path):
+@pytest.mark.parametrize("xdist", [False, True])
+def test_interrupted_tests_are_counted_from_the_verbose_lines(tmp_path, xdist):
     log = tmp_path / "correctness.log"
-    log.write_text("tests/a.py::t[1] PASSED [ 1%]\ntests/a.py::t[2] FAILED [ 2%]\n"
-                   "tests/b.py::u SKIPPED (x) [ 3%]\n")
+    if xdist:
+        log.write_text("[gw0] [ 33%] PASSED tests/a.py::t[1] \n[gw1] [ 66%] FAILED tests/a.py::t[2] \n"
+                       "[gw0] [100%] SKIPPED tests/b.py::u \n")
+    else:
+        log.write_text("tests/a.py::t[1] PASSED [ 1%]\ntests/a.py::t[2] FAILED [ 2%]\n"
+                       "tests/b.py::u SKIPPED (x) [ 3%]\n")
     counts = gpu_session.read_correctness(tmp_path / "missing.xml", log)
     assert counts == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1, "complete": False,
                       "failing": ["tests/a.py::t[2]"]}
+
+
+def test_gpt_ms_per_step_comes_from_the_synchronized_last_step_not_the_validation(tmp_path):
+    """A stage cut off while the final validation compiles still reports its step time."""
+    records = [{"event": "step", "step": 1, "train_time_ms": 40000.0, "timed_steps": 0},
+               {"event": "step", "step": 29, "train_time_ms": 2500.0, "timed_steps": 26},
+               {"event": "step", "step": 30, "train_time_ms": 2700.0, "timed_steps": 27}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = gpu_session.read_gpt(tmp_path, steps=30)
+    assert result["ms_per_step"] == pytest.approx(100.0) and result["first_step_s"] == 40.0
+    assert result["steps_done"] == 30 and "val_loss" not in result
+    assert gpu_session.read_gpt(tmp_path, steps=40)["ms_per_step"] is None  # stopped early: no exact figure
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "val", "step": 30, "val_loss": 7.5, "train_time_ms": 2700.0}) + "\n")
+    assert gpu_session.read_gpt(tmp_path, steps=30)["val_loss"] == 7.5
+    assert gpu_session.read_gpt(tmp_path / "absent", steps=30) is None

@@ -435,7 +435,8 @@ def train(cfg: TrainConfig, preset: str, ctx: distributed.Dist, command: str) ->
                 approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
             done_timed = timed_steps + 1  # this step is done: the same divisor as the val line at the next step
             avg = f" step_avg:{approx_ms / done_timed:.2f}ms" if done_timed > 0 else " (warm-up, not timed)"
-            record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "window_blocks": blocks}
+            record = {"event": "step", "step": step + 1, "train_time_ms": approx_ms, "timed_steps": max(done_timed, 0),
+                      "window_blocks": blocks}
             loss_text = ""
             if (step + 1) % cfg.log_every == 0:
                 record["train_loss"] = distributed.all_reduce_mean(step_loss).item() / cfg.log_every
