@@ -214,12 +214,17 @@ def scaled_mm_call(fast_accum: bool) -> Callable:
     return call
 
 
+def gemm_case(gemm: str, m: int) -> str:
+    """The case's name in the results (bench.static names its predicted case with it too)."""
+    rows, cols, red = gemm_shape(gemm, m)
+    return f"{gemm} M={rows} N={cols} K={red}"
+
+
 def run_gemms(run, m, impls, timer, device):
     fns = gemm_functions(impls)
     for gemm in GEMMS:
         a, b, fp32 = gemm_operands(gemm, m, device)
-        rows, cols, red = gemm_shape(gemm, m)
-        case = f"{gemm} M={rows} N={cols} K={red}"
+        case = gemm_case(gemm, m)
         ours_promote = promotes(gemm)
         expected = scaled_mm_call(not ours_promote)(a, b, fp32)
         timed: dict[bool, float] = {}  # ms of _scaled_mm per mode: the two baselines share a call

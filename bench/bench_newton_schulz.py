@@ -164,6 +164,12 @@ def count_launches(fn: Callable[[], object]) -> int | None:
 
 # ---- one set -------------------------------------------------------------------------
 
+def case_name(set_name: str) -> str:
+    """The case's name in the results (bench.static names its predicted case with it too)."""
+    spec = SETS[set_name]
+    return f"{set_name}: {len(matrices_of(spec['groups']()))} matrices, NS{spec['steps']}"
+
+
 def run_set(run: harness.BenchRun, set_name: str, impls, timer: Callable[[Callable], float], device) -> None:
     spec = SETS[set_name]
     groups, steps = spec["groups"](), spec["steps"]
@@ -171,7 +177,7 @@ def run_set(run: harness.BenchRun, set_name: str, impls, timer: Callable[[Callab
     stacks = [torch.randn(shape, device=device, generator=generator).to(spec["input_dtype"]) for shape in groups]
     oracles = {}  # coefficients -> the float64 iteration's outputs, computed once per schedule
     dense, symmetric = flops(groups, steps, symmetric=False), flops(groups, steps, symmetric=True)
-    case = f"{set_name}: {len(matrices_of(groups))} matrices, NS{steps}"
+    case = case_name(set_name)
     params = {"set": set_name, "groups": [list(g) for g in groups], "steps": steps,
               "input_dtype": str(spec["input_dtype"]).removeprefix("torch."), "iteration_dtype": "bfloat16"}
     common = dict(ceiling=harness.BF16_MATMUL, flops=dense, params=params)

@@ -172,11 +172,16 @@ def check(step: Callable, reference: tuple, on_cuda: bool, tol: float = TOL) -> 
 
 # ---- one shape -----------------------------------------------------------------------
 
+def case_name(mode: str, m: int, d: int, h: int) -> str:
+    """The case's name in the results (bench.static names its predicted case with it too)."""
+    return f"{mode} M={m} D={d} H={h}"
+
+
 def _check_and_time(impl: str, fn: Callable | str, mode: str, inputs: tuple, reference: tuple,
                     timer: Callable[[Callable], float], ceilings: dict) -> harness.Entry:
     x, w_fc, w_proj, upstream = inputs
     (m, d), h = x.shape, w_fc.shape[0]
-    case = f"{mode} M={m} D={d} H={h}"
+    case = case_name(mode, m, d, h)
     common = dict(ceiling=harness.BF16_MATMUL, flops=flops(m, d, h, mode),
                   params={"mode": mode, "m": m, "d": d, "h": h, "dtype": "bfloat16"})
     if isinstance(fn, str):

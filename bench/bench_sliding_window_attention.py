@@ -189,6 +189,11 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # ---- one case ---------------------------------------------------------------------------
 
+def case_name(mode: str, t: int, window: int) -> str:
+    """The case's name in the results (bench.static names its predicted case with it too)."""
+    return f"{mode} T={t} w={window}"
+
+
 def run_case(run: harness.BenchRun, *, t: int, window: int, modes, impls, timer: Callable[[Callable], float],
              device: str | torch.device) -> None:
     lengths = document_lengths(t)
@@ -203,7 +208,7 @@ def run_case(run: harness.BenchRun, *, t: int, window: int, modes, impls, timer:
     for mode in modes:
         for impl in impls:
             work = flops(pairs["causal" if impl == "sdpa-causal" else "exact"], mode)
-            case = f"{mode} T={t} w={window}"
+            case = case_name(mode, t, window)
             common = dict(ceiling=harness.BF16_MATMUL, flops=work, params={**params, "mode": mode})
             fn = functions[impl]
             if isinstance(fn, str):

@@ -192,12 +192,17 @@ def check(step: Callable, mode: str, ref_loss: torch.Tensor, ref_grad: torch.Ten
 
 # ---- one shape -----------------------------------------------------------------------
 
+def case_name(mode: str, n: int, v: int) -> str:
+    """The case's name in the results (bench.static names its predicted case with it too)."""
+    return f"{mode} N={n} V={v}"
+
+
 def _check_and_time(impl: str, loss_fn: Callable | str, mode: str, z: torch.Tensor,
                     targets: torch.Tensor, reference, timer: Callable[[Callable], float],
                     ceilings: dict[str, harness.Ceiling]) -> harness.Entry:
     """One entry: unavailable, failed its check run, or checked and timed."""
     n, v = z.shape
-    case = f"{mode} N={n} V={v}"
+    case = case_name(mode, n, v)
     common = dict(ceiling=harness.COPY_BANDWIDTH, bytes_moved=bytes_moved(n, v, mode),
                   params={"mode": mode, "n": n, "v": v, "dtype": "bfloat16", "cap": CAP, "scale": SCALE})
     if isinstance(loss_fn, str):

@@ -241,30 +241,48 @@ def read_correctness(xml_path: Path, log_path: Path) -> dict | None:
             "failing": [test for test, word in lines if word in ("FAILED", "ERROR")][:50]}
 
 
-def read_bench(bench_root: Path) -> list[dict]:
-    """Per op and case: our best implementation against the best competitor, from the bench JSON.
+def static_prediction(op: str, case: str, kernel_sources: dict | None,
+                      static_root: Path = REPO_ROOT / "bench" / "results" / "static") -> dict | None:
+    """bench.static's floor and predicted time for this op and case, when its committed record
+    names the same bench case and was read from the same kernel sources as the measurement."""
+    path = static_root / f"{op}.json"
+    if not path.exists() or not kernel_sources:
+        return None
+    record = json.loads(path.read_text())
+    if record.get("bench_case") != case or (record.get("kernel_sources") or {}).get("sha256") != kernel_sources.get("sha256"):
+        return None
+    return {"predicted_ms": record["predicted_ms"], "floor_ms": record["floor_ms"]}
 
-    An implementation is ours when its name starts with "ours" (the benches' convention);
-    speedup = best competitor ms / our best ms (> 1: ours is faster).
+
+def read_bench(bench_root: Path, static_root: Path = REPO_ROOT / "bench" / "results" / "static") -> list[dict]:
+    """Per op and case: our best implementation against the best competitor, from the bench
+    JSON, and beside it bench.static's prediction where one exists for that case.
+
+    speedup = best competitor ms / our best ms (> 1: ours is faster); measured_over_predicted
+    > 1: slower than the static reading predicted.
     """
+    from bench import harness
     rows = []
     for path in sorted(bench_root.glob("*/*.json")):
         data = json.loads(path.read_text())
+        op = data.get("op", path.stem)
+        sources = (data.get("metadata") or {}).get("kernel_sources")
         cases: dict[str, list[dict]] = {}
         for entry in data.get("results", []):
             cases.setdefault(entry["case"], []).append(entry)
         for case, entries in cases.items():
-            timed = [e for e in entries if e.get("ms") is not None]
-            ours = min((e for e in timed if e["impl"].startswith("ours")), key=lambda e: e["ms"], default=None)
-            rival = min((e for e in timed if not e["impl"].startswith("ours")), key=lambda e: e["ms"], default=None)
+            ours, rival = harness.best_per_side(entries)
             fraction = ours.get("fraction_of_ceiling") if ours else None
+            static = static_prediction(op, case, sources, static_root) or {}
             rows.append({
-                "op": data.get("op", path.stem), "case": case, "complete": bool(data.get("complete")),
+                "op": op, "case": case, "complete": bool(data.get("complete")),
                 "ours": ours["impl"] if ours else None, "ours_ms": ours["ms"] if ours else None,
                 "best_competitor": rival["impl"] if rival else None, "competitor_ms": rival["ms"] if rival else None,
                 "speedup": rival["ms"] / ours["ms"] if ours and rival else None,
                 "pct_of_ceiling": 100 * fraction if fraction is not None else None,
                 "ceiling": ours["ceiling"] if ours else None,
+                "predicted_ms": static.get("predicted_ms"), "floor_ms": static.get("floor_ms"),
+                "measured_over_predicted": ours["ms"] / static["predicted_ms"] if ours and static else None,
                 "errors": {e["impl"]: e["error"] for e in entries if e.get("error")},
             })
     return rows
@@ -330,12 +348,16 @@ def render_markdown(summary: dict) -> str:
         lines += ["", f"GPU tests: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
                       f"{tests['skipped']} skipped{'' if tests['complete'] else ' (interrupted)'}"]
         lines += [f"- failing: `{name}`" for name in tests["failing"]]
-    lines += ["", "| op | case | ours | ms | best competitor | ms | speedup | % of ceiling |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Predicted: bench.static's reading of the same kernel sources (bench/results/static), "
+                  "where it covers the case; measured / predicted > 1 is slower than predicted.", "",
+              "| op | case | ours | ms | predicted ms | measured / predicted | best competitor | ms | speedup "
+              "| % of ceiling |", "|---|---|---|---|---|---|---|---|---|---|"]
     if not summary["bench"]:
-        lines.append("| (no bench results) | | | | | | | |")
+        lines.append("| (no bench results) | | | | | | | | | |")
     for row in summary["bench"]:
         ceiling = f"{_fmt(row['pct_of_ceiling'], '.1f')} ({row['ceiling']})" if row["pct_of_ceiling"] is not None else "-"
         lines.append(f"| {row['op']} | {row['case']} | {row['ours'] or '-'} | {_fmt(row['ours_ms'], '.4g')} | "
+                     f"{_fmt(row.get('predicted_ms'), '.4g')} | {_fmt(row.get('measured_over_predicted'), '.2f')} | "
                      f"{row['best_competitor'] or '-'} | {_fmt(row['competitor_ms'], '.4g')} | "
                      f"{_fmt(row['speedup'], '.2f')} | {ceiling} |")
     lines += ["", "| trainer | kernels | ms/step | first step s (compile) | s per run | note |", "|---|---|---|---|---|---|"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import hashlib
 import itertools
 import json
 import math
@@ -277,6 +278,16 @@ def failed(case: str, impl: str, error: str, *, ceiling: str, bytes_moved: int |
                  dict(checks or {}), dict(extra or {}), error)
 
 
+def best_per_side(entries: Sequence[dict]) -> tuple[dict | None, dict | None]:
+    """(our fastest, the fastest competitor) among one case's timed entries, as stored in a
+    result's JSON.  An implementation is ours when its name starts with "ours" (the
+    benches' convention)."""
+    timed = [e for e in entries if e.get("ms") is not None]
+    ours = min((e for e in timed if e["impl"].startswith("ours")), key=lambda e: e["ms"], default=None)
+    rival = min((e for e in timed if not e["impl"].startswith("ours")), key=lambda e: e["ms"], default=None)
+    return ours, rival
+
+
 def format_entry(entry: Entry, ceilings: dict[str, Ceiling]) -> str:
     """The progress line printed as each entry completes."""
     head = f"{entry.case:<28} {entry.impl:<14}"
@@ -312,6 +323,26 @@ def git_state() -> tuple[str | None, bool | None]:
     return (commit.strip() if commit else None), (None if status is None else bool(status.strip()))
 
 
+def kernel_sources(op: str) -> dict:
+    """The files that hold an op family's kernels (kernels/<op>.py and kernels/<op>_*.py,
+    csrc/<op>.cu) and one sha256 over their paths and contents.  A result carries it, so a
+    static prediction is put beside a measurement only when both read the same kernel code
+    (bench.static), whatever commit either was made at and whether git is there at all.
+    A bench op named past its family's stem ("relu2_mlp_dw") is that family's ("relu2_mlp")."""
+    family = op
+    while not (REPO_ROOT / "kernels" / f"{family}.py").is_file() and "_" in family:
+        family = family.rsplit("_", 1)[0]
+    files = [REPO_ROOT / "kernels" / f"{family}.py", *sorted((REPO_ROOT / "kernels").glob(f"{family}_*.py")),
+             REPO_ROOT / "csrc" / f"{family}.cu"]
+    files = [f for f in files if f.is_file()]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"files": [f.relative_to(REPO_ROOT).as_posix() for f in files],
+            "sha256": digest.hexdigest() if files else None}
+
+
+
 def driver_version() -> str | None:
     try:
         import pynvml
@@ -344,7 +375,7 @@ def _device_properties() -> dict:
     }
 
 
-def collect_metadata(device_name: str, timing: Timing, extra: dict | None = None) -> dict:
+def collect_metadata(device_name: str, timing: Timing, extra: dict | None = None, op: str | None = None) -> dict:
     """Everything needed to reproduce or question a run, gathered when the run starts."""
     commit, dirty = git_state()
     try:
@@ -363,6 +394,7 @@ def collect_metadata(device_name: str, timing: Timing, extra: dict | None = None
         "python": platform.python_version(),
         "git_commit": commit,
         "git_dirty": dirty,
+        "kernel_sources": kernel_sources(op) if op else None,
         "command": command_line(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timing": {"method": "triton.testing.do_bench, median, L2 flushed before each run",
@@ -463,7 +495,7 @@ def start_run(op: str, *, title: str, out_root: str | Path, timing: Timing,
               notes: Sequence[str] = (), extra_metadata: dict | None = None) -> BenchRun:
     """Gather metadata, measure (or reuse) the ceilings, and open the op's result files."""
     device_name = torch.cuda.get_device_name()
-    metadata = collect_metadata(device_name, timing, extra_metadata)
+    metadata = collect_metadata(device_name, timing, extra_metadata, op=op)
     print(f"{op}: {device_name}, torch {metadata['torch']}, triton {metadata['triton']}, "
           f"commit {(metadata['git_commit'] or 'unknown')[:12]}{' (dirty)' if metadata['git_dirty'] else ''}",
           flush=True)

@@ -150,3 +150,38 @@ def test_gpt_ms_per_step_comes_from_the_synchronized_last_step_not_the_validatio
         f.write(json.dumps({"event": "val", "step": 30, "val_loss": 7.5, "train_time_ms": 2700.0}) + "\n")
     assert gpu_session.read_gpt(tmp_path, steps=30)["val_loss"] == 7.5
     assert gpu_session.read_gpt(tmp_path / "absent", steps=30) is None
+
+
+def test_bench_rows_carry_the_static_prediction_of_the_same_sources(tmp_path):
+    ceilings = {harness.COPY_BANDWIDTH: harness.Ceiling("copy", "GB/s", 3000.0)}
+    sources = harness.kernel_sources("softcap_ce")
+    run = harness.BenchRun("softcap_ce", title="t", out_root=tmp_path / "bench",
+                           metadata={"device_slug": "test-gpu", "kernel_sources": sources}, ceilings=ceilings)
+    common = dict(ceiling=harness.COPY_BANDWIDTH, ceilings=ceilings, bytes_moved=10**9)
+    for case in ("fwd+bwd N=49152 V=50304", "fwd N=49152 V=50304"):
+        run.entries.append(harness.measured(case, "ours-cuda", 4.4, **common))
+    run.finish()
+    static = tmp_path / "static"
+    static.mkdir()
+    record = {"bench_case": "fwd+bwd N=49152 V=50304", "kernel_sources": sources, "predicted_ms": 3.3,
+              "floor_ms": 3.0}
+    (static / "softcap_ce.json").write_text(json.dumps(record))
+    rows = {row["case"]: row for row in gpu_session.read_bench(tmp_path / "bench", static_root=static)}
+    assert rows["fwd+bwd N=49152 V=50304"]["predicted_ms"] == 3.3
+    assert rows["fwd+bwd N=49152 V=50304"]["measured_over_predicted"] == pytest.approx(4.4 / 3.3)
+    assert rows["fwd N=49152 V=50304"]["predicted_ms"] is None  # the static reading predicts one case
+    (static / "softcap_ce.json").write_text(json.dumps({**record, "kernel_sources": {"sha256": "0" * 64}}))
+    rows = gpu_session.read_bench(tmp_path / "bench", static_root=static)
+    assert all(row["predicted_ms"] is None for row in rows)  # other kernel code: no comparison
+    summary = {"dry_run": False, "device": "1 x test", "versions": "v", "total_s": 1.0, "budget_s": 530,
+               "failed_stages": 0, "stages": [], "correctness": None, "bench": rows,
+               "trainers": {"gpt": {}, "cifar": {}}}
+    assert "| measured / predicted |" in gpu_session.render_markdown(summary)
+
+
+def test_bench_metadata_names_the_kernel_sources_it_measured():
+    metadata = harness.collect_metadata("Fake GPU", harness.QUICK_TIMING, op="relu2_mlp_dw")
+    assert metadata["kernel_sources"] == harness.kernel_sources("relu2_mlp")
+    assert metadata["kernel_sources"]["files"] == ["kernels/relu2_mlp.py"]
+    assert len(metadata["kernel_sources"]["sha256"]) == 64
+    assert harness.kernel_sources("no_such_family") == {"files": [], "sha256": None}

@@ -421,3 +421,56 @@ def test_sliding_window_attention_gluon_forward_softmax_runs_with_a_wgmma_group_
     record = _attention_records()["gluon _gluon_fwd"]
     assert record["spill_bytes"] == 0 and record["local_accesses"] == 0 and record["wgmma_in_flight"] == 0
     assert record["tma_loads"] > 0 and not record["runs_in_speedrun"]  # opt-in until its GPU tests pass
+
+
+# ---- predicted beside measured (issue 13) -------------------------------------------------
+
+def _default_cases(stem: str) -> list[str]:
+    """The case names a default `python -m bench` run of the family writes."""
+    import importlib
+    b = importlib.import_module(f"bench.bench_{stem}")
+    return {
+        "softcap_ce": lambda: [b.case_name(mode, n, b.DEFAULT_V) for mode in b.MODES for n in b.DEFAULT_N],
+        "fp8_head": lambda: [b.gemm_case(g, m) for g in b.GEMMS for m in b.DEFAULT_M],
+        "newton_schulz": lambda: [b.case_name(s) for s in b.SETS],
+        "relu2_mlp": lambda: [b.case_name(mode, m, b.DEFAULT_D, b.DEFAULT_H) for mode in b.MODES for m in b.DEFAULT_M],
+        "sliding_window_attention": lambda: [b.case_name(mode, t, w) for mode in b.MODES for t in b.DEFAULT_T
+                                             for w in b.DEFAULT_WINDOWS],
+    }[stem]()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_predicted_case_is_one_the_bench_measures(op):
+    record = json.loads((RESULTS / f"{op}.json").read_text())
+    assert record["bench_case"] in _default_cases(op)
+    from bench import harness
+    assert record["kernel_sources"] == harness.kernel_sources(op)  # else regenerate: the kernels changed
+
+
+def _fake_results(root: Path, op: str, case: str, sha: str, device: str = "Fake GPU") -> Path:
+    path = root / device.lower().replace(" ", "-") / f"{op}.json"
+    path.parent.mkdir(parents=True)
+    entries = [{"case": case, "impl": "ours-cuda", "ms": 4.0}, {"case": case, "impl": "ours-triton", "ms": 3.6},
+               {"case": case, "impl": "torch-compile", "ms": 7.2}, {"case": case, "impl": "torch-eager", "ms": None},
+               {"case": "fwd N=1 V=2", "impl": "ours-cuda", "ms": 0.001}]
+    path.write_text(json.dumps({"op": op, "complete": True, "results": entries, "metadata": {
+        "device": device, "git_commit": "abc123" * 7, "git_dirty": False, "kernel_sources": {"sha256": sha}}}))
+    return path
+
+
+def test_measurements_of_the_same_sources_are_put_beside_the_prediction(tmp_path, monkeypatch):
+    from bench.static import report
+    record = json.loads((RESULTS / "softcap_ce.json").read_text())
+    sha = record["kernel_sources"]["sha256"]
+    monkeypatch.setattr(report, "OUT", tmp_path / "static")
+    (tmp_path / "static").mkdir()
+    _fake_results(tmp_path, "softcap_ce", record["bench_case"], sha)
+    _fake_results(tmp_path, "softcap_ce", record["bench_case"], "0" * 64, device="Other GPU")  # other code
+    [row] = report.measured_beside(record, results=tmp_path)
+    assert (row["device"], row["ours"], row["ours_ms"]) == ("Fake GPU", "ours-triton", 3.6)
+    assert (row["best_competitor"], row["competitor_ms"]) == ("torch-compile", 7.2)
+    assert row["measured_over_predicted"] == round(3.6 / record["predicted_ms"], 3)
+    assert row["results"] == "fake-gpu/softcap_ce.json"
+    text = report.markdown({**record, "measured": [row]})
+    assert f"| Fake GPU | abc123abc123 | ours-triton | 3.6 | {record['predicted_ms']} |" in text
+    assert "Measured: none yet" in report.markdown({**record, "measured": []})

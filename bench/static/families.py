@@ -54,6 +54,7 @@ class Op:
     flops: int                     # FLOPs it must do (0: bandwidth-bound)
     flop_kind: str | None          # "bf16" or "fp8": which peak bounds it
     kernels: list[Kernel]
+    bench_case: str                # the bench's name for the same work (bench_<op>.case_name)
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -106,7 +107,8 @@ def softcap_ce() -> Op:
                       per_element=("loops", blk // (32 * nw)), elements=n * cols, runs_in_speedrun=False)
 
     return Op("softcap_ce", f"N={n}, V={v}, bf16 logits, sigmoid cap 30 / 7.5, mean",
-              bytes=_bench("softcap_ce").bytes_moved(n, v, "fwd+bwd"), flops=0, flop_kind=None, kernels=[
+              bytes=_bench("softcap_ce").bytes_moved(n, v, "fwd+bwd"), flops=0, flop_kind=None,
+              bench_case=_bench("softcap_ce").case_name("fwd+bwd", n, v), kernels=[
         Kernel("cuda softcap_ce_staged<bf16,sigmoid>",
                "forward+gradient (v2), row staged in shared memory by bulk copy (one read), persistent grid",
                "cuda", threads=constants["kStagedThreads"], ctas=staged_ctas, source="softcap_ce.cu",
@@ -188,7 +190,8 @@ def fp8_head() -> Op:
     cast_ctas = cdiv(m, c["kCastTile"]) * cdiv(V, c["kCastTile"])
     y_bytes = m * D + V * D + 2 * m * V  # x8, w8 read (1 B per element), bf16 y written
     return Op("fp8_head", f"y = x8 @ w8^T at M={m}, V={V}, K={D} (e4m3 in, bf16 out); dx, dW alike",
-              bytes=y_bytes, flops=bench.flops(*bench.gemm_shape("y", m)), flop_kind="fp8", kernels=[
+              bytes=y_bytes, flops=bench.flops(*bench.gemm_shape("y", m)), flop_kind="fp8",
+              bench_case=bench.gemm_case("y", m), kernels=[
         gemm("e4m3", "bf16", y_promoted, m, V, " (y)", "y GEMM: TMA + wgmma, persistent, 2 consumer warpgroups, "
              "one wgmma chain over K = 768 (kernels/fp8_head.py PROMOTE_Y), y out by TMA store overlapped with "
              "the next tile", True),
@@ -303,6 +306,7 @@ def newton_schulz() -> Op:
     return Op("newton_schulz", "NS5 on one Muon step of the GPT (44 matrices 768x768, 24 of 768x3072), bf16; "
               f"kernels shown for the {batch}x{size}x{width} stack",
               bytes=5 * step_bytes + g_bytes, flops=bench.flops(groups, 5, symmetric=True), flop_kind="bf16",
+              bench_case=bench.case_name("gpt"),
               kernels=[
         Kernel("triton _sumsq_kernel", "per-chunk sums of squares of G (fp32 in), X0 = bf16(G) out", "triton",
                ctas=batch * n_chunks,
@@ -360,7 +364,8 @@ def relu2_mlp() -> Op:
         "stride_cm": H, "stride_auxm": H, "EVEN_K": D % bk == 0}}
     programs = min(132, triton.cdiv(m, bm) * triton.cdiv(H, bn))
     return Op("relu2_mlp", f"M={m}, D={D}, H={H}, bf16, forward+backward (6 products)",
-              bytes=0, flops=bench.flops(m, D, H, "fwd+bwd"), flop_kind="bf16", kernels=[
+              bytes=0, flops=bench.flops(m, D, H, "fwd+bwd"), flop_kind="bf16",
+              bench_case=bench.case_name("fwd+bwd", m, D, H), kernels=[
         Kernel("triton _gemm_nt_tma_kernel (h = relu(x W1^T)^2)", "fc forward with the relu^2 epilogue", "triton",
                ctas=programs, spec=tma(mlp.EPI_RELU2, H, D)),
         Kernel("triton _gemm_nt_tma_kernel (dpre)", "g W2 with the 2 sqrt(h) epilogue (reads h through TMA)",
@@ -446,7 +451,8 @@ def sliding_window_attention() -> Op:
 
     return Op("sliding_window_attention", f"B=1, T={t}, {HEADS} heads x {HEAD_DIM}, window {WINDOW}, "
               "FineWeb-like documents (the bench's), bf16, forward+backward",
-              bytes=0, flops=bench.flops(pairs, "fwd+bwd", HEADS, HEAD_DIM), flop_kind="bf16", kernels=[
+              bytes=0, flops=bench.flops(pairs, "fwd+bwd", HEADS, HEAD_DIM), flop_kind="bf16",
+              bench_case=bench.case_name("fwd+bwd", t, WINDOW), kernels=[
         Kernel("triton _sliding_window_attn_fwd", "forward: online softmax over visible key blocks", "triton",
                ctas=grid("fwd", "BLOCK_M"), spec=fwd),
         Kernel("triton _block_work", "key blocks per query block, for the longest-first launch order "

@@ -5,10 +5,12 @@ import json
 import re
 from pathlib import Path
 
+from bench import harness
 from bench.static import build, hopper, sass
 from bench.static.families import Kernel, Op
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "static"
+RESULTS = OUT.parent  # bench/results/<device>/<op>.json: what the benches measured
 
 
 def _wgmma_in_flight(instrs: list[sass.Instr]) -> int | None:
@@ -120,11 +122,38 @@ def op_record(op: Op) -> dict:
     known = [v for v in bounds.values() if v is not None]
     wave = hopper.waves(main["ctas"], main["ctas_per_sm"])
     floor = max(v for k, v in bounds.items() if k.endswith("floor_ms") and v is not None)
-    return {"op": op.stem, "shape": op.shape, "bytes": op.bytes, "flops": op.flops,
-            "floor_ms": round(floor, 3), "predicted_ms": round(max(known) * wave, 3),
-            "bounds_ms": {k: (round(v, 3) if v is not None else None) for k, v in bounds.items()},
-            "predicted_from": main["name"], "wave_factor": round(wave, 3),
-            "assumptions": hopper.ASSUMPTIONS + op.notes, "toolchain": _toolchain(), "kernels": kernels}
+    record = {"op": op.stem, "shape": op.shape, "bench_case": op.bench_case,
+              "kernel_sources": harness.kernel_sources(op.stem), "bytes": op.bytes, "flops": op.flops,
+              "floor_ms": round(floor, 3), "predicted_ms": round(max(known) * wave, 3),
+              "bounds_ms": {k: (round(v, 3) if v is not None else None) for k, v in bounds.items()},
+              "predicted_from": main["name"], "wave_factor": round(wave, 3),
+              "assumptions": hopper.ASSUMPTIONS + op.notes, "toolchain": _toolchain(), "kernels": kernels}
+    record["measured"] = measured_beside(record)
+    return record
+
+
+def measured_beside(record: dict, results: Path = RESULTS) -> list[dict]:
+    """The committed GPU results of the predicted case, one row per device, from a bench run
+    on the same kernel sources (harness.kernel_sources): a measurement of other code says
+    nothing about this reading.  Empty until a GPU has measured these sources."""
+    rows = []
+    for path in sorted(results.glob(f"*/{record['op']}.json")):
+        if path.parent == OUT:
+            continue
+        data = json.loads(path.read_text())
+        metadata = data.get("metadata") or {}
+        if (metadata.get("kernel_sources") or {}).get("sha256") != record["kernel_sources"]["sha256"]:
+            continue
+        ours, rival = harness.best_per_side([e for e in data.get("results", []) if e["case"] == record["bench_case"]])
+        if ours is None:
+            continue
+        rows.append({"device": metadata.get("device"), "commit": metadata.get("git_commit"),
+                     "dirty": metadata.get("git_dirty"), "results": path.relative_to(results).as_posix(),
+                     "ours": ours["impl"], "ours_ms": ours["ms"],
+                     "measured_over_predicted": round(ours["ms"] / record["predicted_ms"], 3),
+                     "best_competitor": rival["impl"] if rival else None,
+                     "competitor_ms": rival["ms"] if rival else None})
+    return rows
 
 
 def _toolchain() -> dict:
@@ -151,8 +180,10 @@ def markdown(record: dict) -> str:
              "Do not edit: regenerate.", "",
              f"Shape: {record['shape']}.", "",
              f"**Floor {record['floor_ms']} ms; predicted {record['predicted_ms']} ms** "
-             f"(from {record['predicted_from']}, wave factor {record['wave_factor']}; measured: none on this "
-             f"commit). Bounds: {_cell(record['bounds_ms'])}.", "", "Assumptions:", ""]
+             f"(from {record['predicted_from']}, wave factor {record['wave_factor']}). "
+             f"Bounds: {_cell(record['bounds_ms'])}.", ""]
+    lines += _measured_lines(record)
+    lines += ["", "Assumptions:", ""]
     lines += [f"- {a}" for a in record["assumptions"]]
     lines += ["", "| kernel | runs | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for k in record["kernels"]:
@@ -162,6 +193,23 @@ def markdown(record: dict) -> str:
     lines += [f"- {k['name']}: {k['per_element_counted_over']}" for k in record["kernels"]
               if "per_element_counted_over" in k]
     return "\n".join(lines) + "\n"
+
+
+def _measured_lines(record: dict) -> list[str]:
+    sources = record["kernel_sources"]
+    head = (f"Predicted and measured: bench case `{record['bench_case']}`, kernel sources "
+            f"{', '.join(sources['files'])} (sha256 {sources['sha256'][:12]}).")
+    if not record["measured"]:
+        return [head, "", "Measured: none yet on these sources (a GPU run of `python -m bench` or "
+                          "`bash bench/gpu_session.sh`, committed under bench/results/<device>/, fills this in)."]
+    lines = [head, "", "| device | commit | ours | measured ms | predicted ms | measured / predicted "
+                       "| best competitor | ms |", "|---|---|---|---|---|---|---|---|"]
+    for row in record["measured"]:
+        commit = (row["commit"] or "unknown")[:12] + (" (dirty)" if row["dirty"] else "")
+        lines.append(f"| {row['device']} | {commit} | {row['ours']} | {row['ours_ms']:.4g} | "
+                     f"{record['predicted_ms']} | {row['measured_over_predicted']} | "
+                     f"{row['best_competitor'] or '-'} | {_cell(row['competitor_ms'])} |")
+    return lines
 
 
 def write(record: dict, out: Path = OUT) -> list[Path]:
