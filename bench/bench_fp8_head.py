@@ -312,8 +312,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="FP8 LM head: the three GEMMs (y, dx, dW) of ours (CUDA, Triton) vs torch._scaled_mm and "
                     "bf16 matmul, and head + softcap loss fwd+bwd vs the 2025-01 record's path. Writes "
                     "<out>/<device>/fp8_head.{json,md,png}.")
-    parser.add_argument("--m", type=int, nargs="+", default=list(DEFAULT_M), metavar="M",
-                        help="tokens per GPU (default: %(default)s)")
+    parser.add_argument("--m", type=int, nargs="+", default=None, metavar="M",
+                        help=f"tokens per GPU (default: {' '.join(map(str, DEFAULT_M))}; "
+                             "--quick: the first)")
     parser.add_argument("--parts", nargs="+", choices=("gemm", "head"), default=["gemm", "head"],
                         help="what to measure (default: both)")
     parser.add_argument("--gemm-impls", nargs="+", choices=GEMM_IMPLS, default=list(GEMM_IMPLS))
@@ -323,6 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "GEMM cases and the head + loss")
     harness.add_suite_options(parser)
     args = parser.parse_args(argv)
+    args.m = harness.sizes_for(args.m, DEFAULT_M, args.quick)
     if any(m <= 0 for m in args.m):
         parser.error("--m must be positive")
     return args

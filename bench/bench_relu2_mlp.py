@@ -372,8 +372,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "median, L2 flushed); throughput counts the matmul FLOPs and is compared with "
                     "the bf16 matmul peak measured at the start. Writes "
                     "<out>/<device>/relu2_mlp.{json,md,png}, updated after every measurement.")
-    parser.add_argument("--m", type=int, nargs="+", default=list(DEFAULT_M), metavar="M",
-                        help="tokens (rows of x) to measure (default: %(default)s)")
+    parser.add_argument("--m", type=int, nargs="+", default=None, metavar="M",
+                        help=f"tokens (rows of x) to measure (default: {' '.join(map(str, DEFAULT_M))}; "
+                             "--quick: the first)")
     parser.add_argument("--d", type=int, default=DEFAULT_D, help="model dim (default: %(default)s)")
     parser.add_argument("--h", type=int, default=DEFAULT_H, help="hidden dim (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
@@ -391,6 +392,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sweep and args.dw:
         parser.error("--sweep and --dw are separate runs: give one")
+    args.m = harness.sizes_for(args.m, DEFAULT_M, args.quick)
     if any(m <= 0 for m in args.m) or args.d <= 0 or args.h <= 0:
         parser.error("--m, --d and --h must be positive")
     return args

@@ -263,8 +263,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "BlockMask and dense causal SDPA. Forward and forward+backward; effective TFLOP/s "
                     "count only the visible (query, key) pairs. Writes <out>/<device>/"
                     "sliding_window_attention.{json,md,png}.")
-    parser.add_argument("--t", type=int, nargs="+", default=list(DEFAULT_T), metavar="T",
-                        help="sequence lengths (tokens per GPU) (default: %(default)s)")
+    parser.add_argument("--t", type=int, nargs="+", default=None, metavar="T",
+                        help=f"sequence lengths (tokens per GPU) (default: {' '.join(map(str, DEFAULT_T))}; "
+                             "--quick: the first)")
     parser.add_argument("--windows", type=int, nargs="+", default=list(DEFAULT_WINDOWS), metavar="W",
                         help="attention windows in tokens (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
@@ -273,6 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="implementations to compare (default: all)")
     harness.add_suite_options(parser)
     args = parser.parse_args(argv)
+    args.t = harness.sizes_for(args.t, DEFAULT_T, args.quick)
     if any(t <= 0 for t in args.t) or any(w <= 0 for w in args.windows):
         parser.error("--t and --windows must be positive")
     return args

@@ -261,8 +261,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(CUDA events, median, L2 flushed); throughput counts the bytes the op must "
                     "move and is compared with the copy bandwidth measured at the start. Writes "
                     "<out>/<device>/softcap_ce.{json,md,png}, updated after every measurement.")
-    parser.add_argument("--n", type=int, nargs="+", default=list(DEFAULT_N), metavar="N",
-                        help="rows (tokens per GPU) to measure (default: %(default)s)")
+    parser.add_argument("--n", type=int, nargs="+", default=None, metavar="N",
+                        help=f"rows (tokens per GPU) to measure (default: {' '.join(map(str, DEFAULT_N))}; "
+                             "--quick: the first)")
     parser.add_argument("--v", type=int, default=DEFAULT_V, metavar="V",
                         help="vocabulary size, columns (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
@@ -272,6 +273,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="implementations to compare (default: all)")
     harness.add_suite_options(parser)
     args = parser.parse_args(argv)
+    args.n = harness.sizes_for(args.n, DEFAULT_N, args.quick)
     if any(n <= 0 for n in args.n) or args.v <= 0:
         parser.error("--n and --v must be positive")
     return args

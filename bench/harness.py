@@ -71,8 +71,17 @@ def add_suite_options(parser) -> None:
                         help="results root; files go to DIR/<device-slug>/ (default: bench/results)")
     parser.add_argument("--quick", action="store_true",
                         help=f"short timing windows (warm-up {QUICK_TIMING.warmup_ms:g} ms, {QUICK_TIMING.rep_ms:g} ms "
-                             f"of runs instead of {FULL_TIMING.warmup_ms:g}/{FULL_TIMING.rep_ms:g}): a smoke run, "
+                             f"of runs instead of {FULL_TIMING.warmup_ms:g}/{FULL_TIMING.rep_ms:g}) and only the "
+                             "speedrun's own size (48K tokens per GPU) unless sizes are given: a smoke run, "
                              "noisier numbers")
+
+
+def sizes_for(given: Sequence[int] | None, defaults: Sequence[int], quick: bool) -> list[int]:
+    """The sizes a bench measures: those given, else its defaults, of which --quick keeps the
+    first (the speedrun's own shape: every default list starts with it)."""
+    if given:
+        return list(given)
+    return list(defaults[:1] if quick else defaults)
 
 
 def timing_for(quick: bool) -> Timing:

@@ -286,6 +286,19 @@ def test_softcap_cli_options():
         ce.parse_args(["--n", "0"])
 
 
+@pytest.mark.parametrize("stem,flag", [("softcap_ce", "n"), ("fp8_head", "m"), ("relu2_mlp", "m"),
+                                       ("sliding_window_attention", "t")])
+def test_quick_measures_only_the_speedrun_shape_unless_sizes_are_given(stem, flag):
+    """The GPU session's `python -m bench --quick` has 90 s for five families: the 48K-token
+    shape each static prediction is for, not the 64K one beside it."""
+    import importlib
+    b = importlib.import_module(f"bench.bench_{stem}")
+    defaults = {"n": "DEFAULT_N", "m": "DEFAULT_M", "t": "DEFAULT_T"}[flag]
+    assert getattr(b.parse_args(["--quick"]), flag) == [48 * 1024]
+    assert getattr(b.parse_args([]), flag) == list(getattr(b, defaults)) == [48 * 1024, 64 * 1024]
+    assert getattr(b.parse_args(["--quick", f"--{flag}", "1000", "2000"]), flag) == [1000, 2000]
+
+
 # ---- the command lines ---------------------------------------------------------------
 
 def run_cli(*args):
