@@ -60,6 +60,8 @@ GPT_TOKENS_PER_GPU = 48 * 1024  # the record's per-GPU step: one pass of 49,152 
 # validation: 8 passes of 65,536 fit it for 1 or 8 GPUs.  Validation runs once, untimed.
 GPT_VAL_SEQ_LEN = 64 * 1024
 GPT_VAL_TOKENS = 8 * GPT_VAL_SEQ_LEN
+# The call's limit (issue 12: one call of at most 9 minutes); the stages' budgets fit inside.
+SESSION_S = 9 * 60
 # After SIGINT a stage gets this long to write what it has before it is killed.
 GRACE_S = 15
 # The test files holding GPU tests: more xdist workers than this would sit idle (--dist loadfile).
@@ -137,7 +139,8 @@ def correctness_command(out: Path, cores: int) -> list[str]:
 
 
 def plan(out: Path, *, dry_run: bool, gpus: int, cores: int) -> list[Stage]:
-    """The stages of one session; budgets sum to 530 s, leaving the 9 minutes some slack."""
+    """The stages of one session; budgets sum to 530 s of SESSION_S, leaving Python's start
+    and the last summary some slack."""
     py = _python()
     build_env = {"MAX_JOBS": str(cores)}
     if dry_run:
@@ -339,6 +342,8 @@ def _fmt(value, spec: str = ".3g", none: str = "-") -> str:
 def render_markdown(summary: dict) -> str:
     lines = [f"# GPU session{' (dry run on CPU)' if summary['dry_run'] else ''}: {summary['device']}", "",
              f"- versions: {summary['versions']}",
+             "- tools: " + ", ".join(f"{name} {'found' if where else 'MISSING'}"
+                                     for name, where in (summary.get("tools") or {}).items()),
              f"- total {summary['total_s']:.0f} s of a {summary['budget_s']:.0f} s budget; "
              f"exit status {summary['failed_stages']} (stages not ok)", "",
              "| stage | status | seconds | budget s |", "|---|---|---|---|"]
@@ -382,6 +387,14 @@ def _versions() -> str:
             f"(CUDA {torch.version.cuda}), triton {triton_version}")
 
 
+def _tools() -> dict:
+    """What the stages will call, found or not: a stage that cannot start says why in its
+    log, and this says it at the top of the summary."""
+    sanitizer = compute_sanitizer()
+    return {"nvcc": shutil.which("nvcc"), "compute-sanitizer": sanitizer if os.path.isabs(sanitizer) else None,
+            "torchrun": shutil.which("torchrun"), "pytest-xdist": importlib.util.find_spec("xdist") is not None}
+
+
 def session(out: Path, *, dry_run: bool) -> int:
     import torch
     gpus = 0 if dry_run else torch.cuda.device_count()
@@ -391,31 +404,46 @@ def session(out: Path, *, dry_run: bool) -> int:
     if not dry_run and not gpus:
         print("no CUDA GPU visible: use --dry-run for the CPU rehearsal", file=sys.stderr)
         return 2
-    results, spare = [], 0.0
-    session_start = time.monotonic()
+    summary = {"dry_run": dry_run, "device": device, "gpus": gpus, "versions": _versions(), "tools": _tools(),
+               "budget_s": sum(s.budget_s for s in stages), "stages": []}
+    session_start, planned_end = time.monotonic(), 0.0
     for stage in stages:
-        budget = stage.budget_s + spare
-        print(f"== {stage.name} (budget {budget:.0f} s) -> {out / (stage.name + '.log')}", flush=True)
-        status, seconds = run_stage(stage, budget, out / f"{stage.name}.log")
-        spare = max(0.0, budget - seconds)
+        # Each stage may run until its planned end: time one leaves unused passes on, and time
+        # one takes past its budget (its grace after SIGINT) comes off the next, so the call
+        # ends on plan, inside SESSION_S, whatever the stages do.
+        planned_end += stage.budget_s
+        budget = min(planned_end, SESSION_S - GRACE_S) - (time.monotonic() - session_start)
+        log = out / f"{stage.name}.log"
+        print(f"== {stage.name} (budget {budget:.0f} s) -> {log}", flush=True)
+        if budget < 1:
+            log.write_text("-- skipped: the session's time ran out before this stage\n")
+            status, seconds = "skipped", 0.0
+        else:
+            status, seconds = run_stage(stage, budget, log)
         print(f"   {status} in {seconds:.0f} s", flush=True)
-        results.append({"name": stage.name, "status": status, "seconds": seconds, "budget_s": budget,
-                        "commands": [" ".join(c) for c in stage.commands], "log": f"{stage.name}.log"})
-    summary = {
-        "dry_run": dry_run, "device": device, "gpus": gpus, "versions": _versions(),
-        "budget_s": sum(s.budget_s for s in stages), "total_s": time.monotonic() - session_start,
-        "stages": results, "failed_stages": sum(r["status"] != "ok" for r in results),
+        summary["stages"].append({"name": stage.name, "status": status, "seconds": seconds,
+                                  "budget_s": max(budget, 0.0), "commands": [" ".join(c) for c in stage.commands],
+                                  "log": log.name})
+        # Rewritten after every stage: a call cut off from outside still brings back a summary.
+        _write_summary(summary, out, session_start)
+    print(render_markdown(summary))
+    return summary["failed_stages"]
+
+
+def _write_summary(summary: dict, out: Path, session_start: float) -> None:
+    dry_run = summary["dry_run"]
+    summary.update({
+        "total_s": time.monotonic() - session_start,
+        "failed_stages": sum(r["status"] != "ok" for r in summary["stages"]),
         "kernels": json.loads((out / "kernels.json").read_text()) if (out / "kernels.json").exists() else None,
         "correctness": read_correctness(out / "correctness.xml", out / "correctness.log"),
         "bench": read_bench(out / "bench"),
         "trainers": {"gpt": {k: read_gpt(out / f"gpt-{k}", DRY_RUN_GPT_STEPS if dry_run else GPT_STEPS)
                              for k in ("auto", "off")},
                      "cifar": {k: read_cifar(out / f"cifar-{k}") for k in ("auto", "off")}},
-    }
+    })
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(render_markdown(summary))
-    print(render_markdown(summary))
-    return summary["failed_stages"]
 
 
 # ---- the sanitizer's workload -------------------------------------------------------------------

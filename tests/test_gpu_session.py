@@ -94,6 +94,61 @@ def test_compute_sanitizer_is_found_off_path_in_the_toolkit(tmp_path, monkeypatc
         assert gpu_session.compute_sanitizer() == "compute-sanitizer"  # the stage's log then says it is missing
 
 
+def test_an_overrun_comes_off_the_next_stages_and_the_summary_is_written_after_each(tmp_path, monkeypatch):
+    """Stages run to their planned ends: the call ends on plan whatever a stage does, and a
+    call cut off from outside has a summary of the stages it finished."""
+    import torch
+    seen = []
+
+    def fake_run(stage, budget, log):
+        seen.append((stage.name, round(budget)))
+        if stage.name == "correctness":
+            assert json.loads((tmp_path / "summary.json").read_text())["stages"][0]["name"] == "build"
+        log.write_text("")
+        return ("timed out", budget + 40) if stage.name == "build" else ("ok", budget)
+
+    clock = [0.0]
+
+    def fake_stage(stage, budget, log):
+        status, seconds = fake_run(stage, budget, log)
+        clock[0] += seconds
+        return status, seconds
+
+    monkeypatch.setattr(gpu_session, "run_stage", fake_stage)
+    monkeypatch.setattr(gpu_session.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    assert gpu_session.session(tmp_path, dry_run=False) == 1  # the build timed out
+    budgets = dict(seen)
+    planned = {s.name: s.budget_s for s in gpu_session.plan(tmp_path, dry_run=False, gpus=1, cores=16)}
+    assert budgets["build"] == planned["build"]
+    assert budgets["correctness"] == planned["correctness"] - 40  # the build's overrun came off it
+    assert budgets["memcheck"] == planned["memcheck"]  # back on plan
+    assert budgets["cifar-off"] == planned["cifar-off"] - (sum(planned.values()) - (gpu_session.SESSION_S - gpu_session.GRACE_S))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == list(planned) and summary["failed_stages"] == 1
+    assert set(summary["tools"]) == {"nvcc", "compute-sanitizer", "torchrun", "pytest-xdist"}
+    assert "- tools: nvcc " in (tmp_path / "summary.md").read_text()
+
+
+def test_a_stage_with_no_time_left_is_skipped(tmp_path, monkeypatch):
+    import torch
+    clock = [0.0]
+
+    def slow(stage, budget, log):
+        clock[0] += gpu_session.SESSION_S  # the first stage eats the whole call
+        return "timed out", gpu_session.SESSION_S
+
+    monkeypatch.setattr(gpu_session, "run_stage", slow)
+    monkeypatch.setattr(gpu_session.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    gpu_session.session(tmp_path, dry_run=False)
+    stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
+    assert stages[0]["status"] == "timed out" and {s["status"] for s in stages[1:]} == {"skipped"}
+    assert "time ran out" in (tmp_path / "cifar-off.log").read_text()
+
+
 def test_a_stage_over_budget_is_interrupted_and_the_next_runs(tmp_path):
     slow = gpu_session.Stage("slow", 1, [[sys.executable, "-c", "import time; time.sleep(60)"]])
     status, seconds = gpu_session.run_stage(slow, 1.0, tmp_path / "slow.log")
