@@ -96,7 +96,9 @@ def gpt_command(kernels: str, run_dir: Path, gpus: int, dry_run: bool) -> list[s
             "--val-seq-len", str(GPT_VAL_SEQ_LEN), "--val-tokens", str(GPT_VAL_TOKENS),
             "--kernels", kernels, "--run-dir", str(run_dir), "--overwrite"]
     if gpus > 1:
-        return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "speedrun.gpt", *args]
+        # torchrun's own module, through this Python: the console script need not be on PATH.
+        return [_python(), "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                "-m", "speedrun.gpt", *args]
     return [_python(), "-m", "speedrun.gpt", *args]
 
 
@@ -186,7 +188,7 @@ def run_stage(stage: Stage, budget_s: float, log_path: Path) -> tuple[str, float
             try:
                 child = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-            except FileNotFoundError as exc:  # e.g. compute-sanitizer or torchrun not on PATH
+            except FileNotFoundError as exc:  # e.g. no compute-sanitizer on this machine
                 log.write(f"cannot start: {exc}\n")
                 return "failed", time.monotonic() - start
             try:
@@ -392,7 +394,7 @@ def _tools() -> dict:
     log, and this says it at the top of the summary."""
     sanitizer = compute_sanitizer()
     return {"nvcc": shutil.which("nvcc"), "compute-sanitizer": sanitizer if os.path.isabs(sanitizer) else None,
-            "torchrun": shutil.which("torchrun"), "pytest-xdist": importlib.util.find_spec("xdist") is not None}
+            "pytest-xdist": importlib.util.find_spec("xdist") is not None}
 
 
 def session(out: Path, *, dry_run: bool) -> int:

@@ -39,7 +39,7 @@ def test_commands_on_one_and_eight_gpus(tmp_path):
     one = gpu_session.gpt_command("auto", tmp_path, 1, dry_run=False)
     assert one[1:3] == ["-m", "speedrun.gpt"] and one[one.index("--batch-tokens") + 1] == str(48 * 1024)
     eight = gpu_session.gpt_command("off", tmp_path, 8, dry_run=False)
-    assert eight[:3] == ["torchrun", "--standalone", "--nproc_per_node=8"]
+    assert eight[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
     assert eight[eight.index("--batch-tokens") + 1] == str(8 * 48 * 1024)
     assert eight[eight.index("--kernels") + 1] == "off"
     stages = {s.name: s for s in gpu_session.plan(tmp_path, dry_run=False, gpus=1, cores=16)}
@@ -127,7 +127,7 @@ def test_an_overrun_comes_off_the_next_stages_and_the_summary_is_written_after_e
     assert budgets["cifar-off"] == planned["cifar-off"] - (sum(planned.values()) - (gpu_session.SESSION_S - gpu_session.GRACE_S))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == list(planned) and summary["failed_stages"] == 1
-    assert set(summary["tools"]) == {"nvcc", "compute-sanitizer", "torchrun", "pytest-xdist"}
+    assert set(summary["tools"]) == {"nvcc", "compute-sanitizer", "pytest-xdist"}
     assert "- tools: nvcc " in (tmp_path / "summary.md").read_text()
 
 
