@@ -1,6 +1,6 @@
 """First light on a lent GPU machine: everything that needs a GPU, in one call of at most 9 minutes.
 
-    python -m bench.gpu_session [--out DIR] [--dry-run]      (bash bench/gpu_session.sh does this)
+    python -m bench.gpu_session [--out DIR] [--work DIR] [--dry-run]   (bash bench/gpu_session.sh)
 
 The machine comes with its own stack (torch 2.11, triton 3.6, the CUDA toolkit,
 compute-sanitizer) and no network, so nothing is installed: the repository is on
@@ -24,10 +24,14 @@ what they have) and the next one runs:
   cifar-auto   the CIFAR recipe, one run each with --kernels auto and off
   cifar-off
 
-It writes DIR/summary.json and DIR/summary.md (per stage status and seconds; per op ours
-against the best competitor and the share of the measured ceiling; per trainer auto
-against off), beside each stage's log, DIR/bench/<device>/ and the trainers' run folders.
-The exit status is the number of stages that did not pass.
+The stages write into the work folder (each stage's log, kernels.json, correctness.xml,
+bench/<device>/, the trainers' run folders).  The output folder gets three files, since
+the device tool brings back at most 8 files from $OUT: summary.json and summary.md (per
+stage status and seconds; GPU test counts; per op ours against the best competitor, the
+share of the measured ceiling and the static prediction; per trainer auto against off)
+and session.tar.gz, the work folder (files over ARCHIVE_FILE_LIMIT left out and named in
+the summary).  All three are rewritten after every stage.  The exit status is the number
+of stages that did not pass.
 
 --dry-run runs the same stages on a CPU, at tiny shapes, with the reference and
 interpreter backends: no extension build (KERNELS_SKIP_EXTENSION=1), the GPU tests
@@ -48,11 +52,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "runs" / "gpu-session"
+DEFAULT_WORK = REPO_ROOT / "runs" / "gpu-session-work"
+ARCHIVE = "session.tar.gz"
+WORK_MARKER = ".gpu-session-work"
+# A file the device tool brings back may hold 16 MiB: the archive leaves out any single file
+# over this (a checkpoint, a profiler trace) and the summary names it.
+ARCHIVE_FILE_LIMIT = 4 * 2**20
 GPT_STEPS = 30
 DRY_RUN_GPT_STEPS = 3
 GPT_TOKENS_PER_GPU = 48 * 1024  # the record's per-GPU step: one pass of 49,152 tokens
@@ -108,7 +119,7 @@ def cifar_command(kernels: str, run_dir: Path, dry_run: bool) -> list[str]:
     shape = (["--preset", "smoke", "--epochs", "1", "--synthetic-train", "600", "--synthetic-test", "200",
               "--whiten-images", "200", "--device", "cpu"] if dry_run
              else ["--preset", "record", "--compile-mode", "default"])
-    # --overwrite: a rerun into the same --out (a retried session) replaces the earlier runs.
+    # --overwrite: a rerun into the same --work (a retried session) replaces the earlier runs.
     return [_python(), "-m", "speedrun.cifar", *shape, "--runs", "1", "--kernels", kernels,
             "--run-dir", str(run_dir), "--overwrite"]
 
@@ -397,12 +408,13 @@ def _tools() -> dict:
             "pytest-xdist": importlib.util.find_spec("xdist") is not None}
 
 
-def session(out: Path, *, dry_run: bool) -> int:
+def session(out: Path, work: Path, *, dry_run: bool) -> int:
     import torch
     gpus = 0 if dry_run else torch.cuda.device_count()
     device = (f"{gpus} x {torch.cuda.get_device_name()}" if gpus else "CPU")
     out.mkdir(parents=True, exist_ok=True)
-    stages = plan(out, dry_run=dry_run, gpus=gpus, cores=os.cpu_count() or 1)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = plan(work, dry_run=dry_run, gpus=gpus, cores=os.cpu_count() or 1)
     if not dry_run and not gpus:
         print("no CUDA GPU visible: use --dry-run for the CPU rehearsal", file=sys.stderr)
         return 2
@@ -415,7 +427,7 @@ def session(out: Path, *, dry_run: bool) -> int:
         # ends on plan, inside SESSION_S, whatever the stages do.
         planned_end += stage.budget_s
         budget = min(planned_end, SESSION_S - GRACE_S) - (time.monotonic() - session_start)
-        log = out / f"{stage.name}.log"
+        log = work / f"{stage.name}.log"
         print(f"== {stage.name} (budget {budget:.0f} s) -> {log}", flush=True)
         if budget < 1:
             log.write_text("-- skipped: the session's time ran out before this stage\n")
@@ -427,25 +439,44 @@ def session(out: Path, *, dry_run: bool) -> int:
                                   "budget_s": max(budget, 0.0), "commands": [" ".join(c) for c in stage.commands],
                                   "log": log.name})
         # Rewritten after every stage: a call cut off from outside still brings back a summary.
-        _write_summary(summary, out, session_start)
+        _write_summary(summary, out, work, session_start)
     print(render_markdown(summary))
     return summary["failed_stages"]
 
 
-def _write_summary(summary: dict, out: Path, session_start: float) -> None:
+def _write_summary(summary: dict, out: Path, work: Path, session_start: float) -> None:
     dry_run = summary["dry_run"]
     summary.update({
         "total_s": time.monotonic() - session_start,
         "failed_stages": sum(r["status"] != "ok" for r in summary["stages"]),
-        "kernels": json.loads((out / "kernels.json").read_text()) if (out / "kernels.json").exists() else None,
-        "correctness": read_correctness(out / "correctness.xml", out / "correctness.log"),
-        "bench": read_bench(out / "bench"),
-        "trainers": {"gpt": {k: read_gpt(out / f"gpt-{k}", DRY_RUN_GPT_STEPS if dry_run else GPT_STEPS)
+        "kernels": json.loads((work / "kernels.json").read_text()) if (work / "kernels.json").exists() else None,
+        "correctness": read_correctness(work / "correctness.xml", work / "correctness.log"),
+        "bench": read_bench(work / "bench"),
+        "trainers": {"gpt": {k: read_gpt(work / f"gpt-{k}", DRY_RUN_GPT_STEPS if dry_run else GPT_STEPS)
                              for k in ("auto", "off")},
-                     "cifar": {k: read_cifar(out / f"cifar-{k}") for k in ("auto", "off")}},
+                     "cifar": {k: read_cifar(work / f"cifar-{k}") for k in ("auto", "off")}},
+        "archive": ARCHIVE, "left_out_of_archive": archive(work, out / ARCHIVE),
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(render_markdown(summary))
+
+
+def archive(work: Path, path: Path) -> list[str]:
+    """The work folder as one tar.gz (written beside, then renamed: a reader never sees half
+    an archive); returns the files left out for their size, relative to the work folder."""
+    left_out = []
+
+    def keep(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if member.isfile() and member.size > ARCHIVE_FILE_LIMIT:
+            left_out.append(f"{member.name} ({member.size / 2**20:.1f} MiB)")
+            return None
+        return member
+
+    partial = path.with_name(path.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(work, arcname=work.name, filter=keep)
+    partial.replace(path)
+    return left_out
 
 
 # ---- the sanitizer's workload -------------------------------------------------------------------
@@ -536,7 +567,10 @@ def sanitizer_workload(device: str, backend: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or str(DEFAULT_OUT), metavar="DIR",
-                        help="output folder (default: $OUT, else runs/gpu-session)")
+                        help=f"where summary.json, summary.md and {ARCHIVE} go (default: $OUT, else "
+                             "runs/gpu-session)")
+    parser.add_argument("--work", default=str(DEFAULT_WORK), metavar="DIR",
+                        help="where the stages write (default: runs/gpu-session-work); emptied first")
     parser.add_argument("--dry-run", action="store_true",
                         help="the same stages on a CPU at tiny shapes (reference/interpreter backends)")
     parser.add_argument("--sanitizer-workload", action="store_true",
@@ -549,7 +583,16 @@ def main(argv=None) -> int:
         return 0
     if not args.dry_run and shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi"], check=False)
-    return session(Path(args.out).resolve(), dry_run=args.dry_run)
+    out, work = Path(args.out).resolve(), Path(args.work).resolve()
+    if out == work or out in work.parents:
+        parser.error("--work must lie outside --out: the output folder holds only the summary and the archive")
+    # A retried session starts clean; a folder this did not make is never emptied.
+    if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).exists():
+        parser.error(f"--work {work} holds files of something else: name an empty or new folder")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / WORK_MARKER).write_text("made by python -m bench.gpu_session; emptied by its next run\n")
+    return session(out, work, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

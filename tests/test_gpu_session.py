@@ -4,6 +4,7 @@ outputs back, and the budget cut-off."""
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,17 @@ SCRIPT = str(harness.REPO_ROOT / "bench" / "gpu_session.sh")
 
 
 def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
-    out = tmp_path / "session"
-    done = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHON": sys.executable}, timeout=900)
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out), "--work", str(work)], capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHON": sys.executable}, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The device tool brings back at most 8 files from $OUT: the session leaves three there.
+    assert sorted(p.name for p in out.iterdir()) == ["session.tar.gz", "summary.json", "summary.md"]
+    with tarfile.open(out / "session.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"work/memcheck.log", "work/correctness.xml", "work/gpt-auto/metrics.jsonl"} <= names
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["archive"] == "session.tar.gz" and summary["left_out_of_archive"] == []
     assert summary["dry_run"] and [s["name"] for s in summary["stages"]] == [
         "build", "correctness", "memcheck", "racecheck", "synccheck", "bench", "gpt-auto", "gpt-off",
         "cifar-auto", "cifar-off"]
@@ -30,7 +37,7 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
         assert summary["trainers"]["gpt"][kernels]["ms_per_step"] > 0
         assert summary["trainers"]["gpt"][kernels]["steps_done"] == 3
         assert summary["trainers"]["cifar"][kernels]["runs_done"] == 1
-    assert "max relative error" in (out / "memcheck.log").read_text()
+    assert "max relative error" in (work / "memcheck.log").read_text()
     markdown = (out / "summary.md").read_text()
     assert "| gpt-off | ok |" in markdown and "(no bench results)" in markdown
 
@@ -118,7 +125,7 @@ def test_an_overrun_comes_off_the_next_stages_and_the_summary_is_written_after_e
     monkeypatch.setattr(gpu_session.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    assert gpu_session.session(tmp_path, dry_run=False) == 1  # the build timed out
+    assert gpu_session.session(tmp_path, tmp_path / "work", dry_run=False) == 1  # the build timed out
     budgets = dict(seen)
     planned = {s.name: s.budget_s for s in gpu_session.plan(tmp_path, dry_run=False, gpus=1, cores=16)}
     assert budgets["build"] == planned["build"]
@@ -143,10 +150,28 @@ def test_a_stage_with_no_time_left_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    gpu_session.session(tmp_path, dry_run=False)
+    gpu_session.session(tmp_path, tmp_path / "work", dry_run=False)
     stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
     assert stages[0]["status"] == "timed out" and {s["status"] for s in stages[1:]} == {"skipped"}
-    assert "time ran out" in (tmp_path / "cifar-off.log").read_text()
+    assert "time ran out" in (tmp_path / "work" / "cifar-off.log").read_text()
+
+
+def test_the_archive_leaves_out_big_files_and_the_work_folder_is_guarded(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "gpt-auto").mkdir(parents=True)
+    (work / "gpt-auto" / "log.txt").write_text("step:1\n")
+    (work / "gpt-auto" / "big.pt").write_bytes(b"0" * (gpu_session.ARCHIVE_FILE_LIMIT + 1))
+    left_out = gpu_session.archive(work, tmp_path / "a.tar.gz")
+    assert left_out == ["work/gpt-auto/big.pt (4.0 MiB)"]
+    with tarfile.open(tmp_path / "a.tar.gz") as tar:
+        assert "work/gpt-auto/log.txt" in tar.getnames() and "work/gpt-auto/big.pt" not in tar.getnames()
+    assert not (tmp_path / "a.tar.gz.partial").exists()
+    # --work must not be a folder of something else, nor inside --out.
+    with pytest.raises(SystemExit):
+        gpu_session.main(["--dry-run", "--out", str(tmp_path / "o"), "--work", str(work)])
+    with pytest.raises(SystemExit):
+        gpu_session.main(["--dry-run", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "o" / "w")])
+    assert (work / "gpt-auto" / "big.pt").exists()  # refused, not emptied
 
 
 def test_a_stage_over_budget_is_interrupted_and_the_next_runs(tmp_path):
