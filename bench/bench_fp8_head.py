@@ -224,6 +224,7 @@ def run_gemms(run, m, impls, timer, device):
     fns = gemm_functions(impls)
     for gemm in GEMMS:
         a, b, fp32 = gemm_operands(gemm, m, device)
+        rows, cols, red = gemm_shape(gemm, m)
         case = gemm_case(gemm, m)
         ours_promote = promotes(gemm)
         expected = scaled_mm_call(not ours_promote)(a, b, fp32)

@@ -262,7 +262,7 @@ class Profiler:
             return "\n".join([*lines, "No steps were profiled.", ""])
         stats_steps = summary["stats_steps"]
         left_out = ("" if len(stats_steps) == summary["steps_profiled"] else
-                    f", leaving out the traced ones, which torch.profiler slows down")
+                    ", leaving out the traced ones, which torch.profiler slows down")
         lines += [f"{summary['steps_profiled']} steps profiled on {self.device}; phase statistics over "
                   f"{len(stats_steps)} steps{left_out}. The mean counts warm-up and compile steps; the "
                   "median barely moves with them.", "",
