@@ -257,17 +257,16 @@ def read_correctness(xml_path: Path, log_path: Path) -> dict | None:
             "failing": [test for test, word in lines if word in ("FAILED", "ERROR")][:50]}
 
 
-def static_prediction(op: str, case: str, kernel_sources: dict | None,
-                      static_root: Path = REPO_ROOT / "bench" / "results" / "static") -> dict | None:
-    """bench.static's floor and predicted time for this op and case, when its committed record
-    names the same bench case and was read from the same kernel sources as the measurement."""
+def static_record(op: str, kernel_sources: dict | None,
+                  static_root: Path = REPO_ROOT / "bench" / "results" / "static") -> dict | None:
+    """bench.static's committed record of this op, when it was read from the same kernel
+    sources as the measurement (else its prediction is of other code)."""
     path = static_root / f"{op}.json"
     if not path.exists() or not kernel_sources:
         return None
     record = json.loads(path.read_text())
-    if record.get("bench_case") != case or (record.get("kernel_sources") or {}).get("sha256") != kernel_sources.get("sha256"):
-        return None
-    return {"predicted_ms": record["predicted_ms"], "floor_ms": record["floor_ms"]}
+    same = (record.get("kernel_sources") or {}).get("sha256") == kernel_sources.get("sha256")
+    return record if same else None
 
 
 def read_bench(bench_root: Path, static_root: Path = REPO_ROOT / "bench" / "results" / "static") -> list[dict]:
@@ -282,14 +281,15 @@ def read_bench(bench_root: Path, static_root: Path = REPO_ROOT / "bench" / "resu
     for path in sorted(bench_root.glob("*/*.json")):
         data = json.loads(path.read_text())
         op = data.get("op", path.stem)
-        sources = (data.get("metadata") or {}).get("kernel_sources")
+        static = static_record(op, (data.get("metadata") or {}).get("kernel_sources"), static_root)
         cases: dict[str, list[dict]] = {}
         for entry in data.get("results", []):
             cases.setdefault(entry["case"], []).append(entry)
         for case, entries in cases.items():
             ours, rival = harness.best_per_side(entries)
             fraction = ours.get("fraction_of_ceiling") if ours else None
-            static = static_prediction(op, case, sources, static_root) or {}
+            # The static reading predicts one case per op: the one it names.
+            predicted = static if static and static.get("bench_case") == case else {}
             rows.append({
                 "op": op, "case": case, "complete": bool(data.get("complete")),
                 "ours": ours["impl"] if ours else None, "ours_ms": ours["ms"] if ours else None,
@@ -297,8 +297,8 @@ def read_bench(bench_root: Path, static_root: Path = REPO_ROOT / "bench" / "resu
                 "speedup": rival["ms"] / ours["ms"] if ours and rival else None,
                 "pct_of_ceiling": 100 * fraction if fraction is not None else None,
                 "ceiling": ours["ceiling"] if ours else None,
-                "predicted_ms": static.get("predicted_ms"), "floor_ms": static.get("floor_ms"),
-                "measured_over_predicted": ours["ms"] / static["predicted_ms"] if ours and static else None,
+                "predicted_ms": predicted.get("predicted_ms"), "floor_ms": predicted.get("floor_ms"),
+                "measured_over_predicted": ours["ms"] / predicted["predicted_ms"] if ours and predicted else None,
                 "errors": {e["impl"]: e["error"] for e in entries if e.get("error")},
             })
     return rows
